@@ -1,0 +1,127 @@
+"""The Backbone contract every method codes against: image features with taps, text features, prompt
+ensembles, and named hook points inside the vision tower where tuners plug in without forking CLIP."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageFeatures:
+    """Outputs of one image-tower pass.
+
+    pre_proj: (B, d) feature before CLIP's projection (ViT: CLS token after ln_post; RN: attention-pool
+              output before its c_proj is not separable, so pre_proj == proj for ResNets).
+    proj:     (B, D) projected, *un-normalised* joint-space feature (what open_clip's encode_image returns).
+    taps:     requested intermediate tensors by hook-point name (ViT: (B, N, d) tokens; RN: (B, C, H, W)).
+    """
+
+    pre_proj: Tensor
+    proj: Tensor
+    taps: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Preprocess:
+    """The preprocessing that travels with the weights; recorded in every run folder."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+
+
+# Hook kinds (per block i, 0-based, named f"blocks.{i}.{kind}"):
+#   pre      x -> x                 tokens entering the block (VPT-deep swaps its prompt tokens here)
+#   qkv      (x_ln, qkv) -> qkv     fused q/k/v projection output, (B, N, 3d) (LoRA adds its deltas)
+#   attn     h -> h                 residual stream after attention, h = x + attn(ln_1(x))
+#   mlp      (h, m) -> m            MLP branch output m = mlp(ln_2(h)); parallel adapters add s*A(h) here
+#   out      x -> x                 block output
+HOOK_KINDS = ("pre", "qkv", "attn", "mlp", "out")
+
+
+class HookPoints:
+    """Named hook points of a tower: tuners register callables; the tower's forward applies them in order."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._hooks: dict[str, list[Callable[..., Tensor]]] = defaultdict(list)
+
+    def names(self) -> list[str]:
+        return [f"blocks.{i}.{k}" for i in range(self.num_blocks) for k in HOOK_KINDS]
+
+    def add(self, name: str, fn: Callable[..., Tensor]) -> Callable[[], None]:
+        """Register `fn` at `name`; returns a function that removes it again."""
+        if name not in self.names():
+            raise KeyError(f"unknown hook point {name!r}; known: blocks.<0..{self.num_blocks - 1}>.{{{','.join(HOOK_KINDS)}}}")
+        self._hooks[name].append(fn)
+        return lambda: self._hooks[name].remove(fn)
+
+    def get(self, name: str) -> list[Callable[..., Tensor]]:
+        return self._hooks.get(name, [])
+
+    def clear(self) -> None:
+        self._hooks.clear()
+
+    def __bool__(self) -> bool:
+        return any(self._hooks.values())
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP with our own vision-tower forward. Built by `tailclip.backbones.create_backbone`.
+
+    Attributes a method may rely on:
+      name (str), spec (dict, JSON-able: everything needed to rebuild it), preprocess (Preprocess),
+      arch ("vit" | "resnet"), width d (ViT width; RN: final feature channels), embed_dim D,
+      num_blocks L (ViT blocks; RN: 4 stages), hooks (HookPoints, ViT only),
+      visual_proj: (d, D) tensor or None, logit_scale (float, CLIP's exp(logit_scale), 100 for OpenAI).
+    """
+
+    name: str
+    spec: dict[str, Any]
+    preprocess: Preprocess
+    arch: str
+    width: int
+    embed_dim: int
+    num_blocks: int
+    hooks: HookPoints
+
+    def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:  # pragma: no cover
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:  # pragma: no cover
+        """(N, D) un-normalised text features."""
+        raise NotImplementedError
+
+    @property
+    def visual_proj(self) -> Tensor | None:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def text_classifier(self, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
+        """(C, D) prompt-ensemble weights: per class, normalise each template's feature, average, normalise."""
+        weights = []
+        for name in classnames:
+            name = name.replace("_", " ")
+            prompts = [t.format(name) for t in templates]
+            feats = torch.cat([self.encode_text(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            mean = feats.mean(dim=0)
+            weights.append(mean / mean.norm())
+        return torch.stack(weights)

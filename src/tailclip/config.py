@@ -1,0 +1,197 @@
+"""Typed run configuration: dataclasses are the single source of truth, YAML presets and `a.b=c` overrides
+are merged onto them with OmegaConf, and every unknown key or bad value is an error naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Raise a ConfigError naming `key`, the bad value and the accepted values."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not accepted; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key}={value!r} is out of range [{low}, {high}]")
+
+
+PRECISIONS = ("fp32", "amp", "amp_bf16")
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to load (see `tailclip list models` for the accepted name forms)."""
+
+    name: str = "synthetic:tiny-clip"
+    cache_dir: Optional[str] = None  # where open_clip / Hugging Face look for local weights
+
+
+@dataclass
+class DataConfig:
+    name: str = "synth-lt"
+    root: Optional[str] = None  # dataset folder; not needed by the built-in synthetic tasks
+    imbalance_ratio: Optional[float] = None  # beta for *-LT generators (None: the dataset's default)
+    shots: Optional[int] = None  # K-shot subsampling of the train split (None: full train split)
+    seed: int = 1  # seeds K-shot sampling and LT selection
+    templates: Optional[str] = None  # template set name (None: the dataset's default)
+    num_workers: int = 0
+    on_bad_image: str = "error"  # error: stop naming the file; skip: leave it out and record it in results
+
+    def __post_init__(self) -> None:
+        check_choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"data.shots={self.shots} must be >= 1")
+        if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
+            raise ConfigError(f"data.imbalance_ratio={self.imbalance_ratio} must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    grad_accum: int = 1
+    precision: str = "fp32"
+    seed: int = 0
+    tensorboard: bool = False
+    select_on: str = "none"  # none: keep the last epoch; val: keep the best validation epoch
+
+    def __post_init__(self) -> None:
+        check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        check_choice("train.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.select_on", self.select_on, ("none", "val"))
+        for key in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    tte: str = "none"  # test-time ensembling: none | five_crop | ten_crop
+    precision: str = "fp32"
+    splits: list[str] = field(default_factory=lambda: ["test"])
+
+    def __post_init__(self) -> None:
+        check_choice("eval.tte", self.tte, ("none", "five_crop", "ten_crop"))
+        check_choice("eval.precision", self.precision, PRECISIONS)
+        for split in self.splits:
+            check_choice("eval.splits", split, ("train", "val", "test"))
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. The method's own options live under a key named after the method."""
+
+    method: str = "zeroshot"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: Optional[str] = None  # None | auto | path to a run folder
+
+    def method_config(self) -> Any:
+        """The method's typed options (a dataclass of the method's `Config`)."""
+        return getattr(self, self.method.replace("-", "_"), None)
+
+
+def _method_config_class(method: str) -> type | None:
+    from .methods import get_method  # local import: methods import this module
+
+    return getattr(get_method(method), "Config", None)
+
+
+def _schema_for(method: str) -> type:
+    """A dataclass extending RunConfig with one field, named after the method, holding its Config."""
+    cfg_cls = _method_config_class(method)
+    if cfg_cls is None:
+        return RunConfig
+    key = method.replace("-", "_")
+    return dataclasses.make_dataclass(
+        f"RunConfig_{key}", [(key, cfg_cls, field(default_factory=cfg_cls))], bases=(RunConfig,)
+    )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (for example train.lr=0.01)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+
+
+def _nested(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(
+    preset: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
+    """Merge defaults <- base dict <- YAML preset <- `a.b=c` overrides, validate, return the typed config."""
+    layers: list[dict] = []
+    if base:
+        layers.append(base)
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        layers.append(loaded)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        layers.append(_nested(key, value))
+    method = RunConfig.method
+    for layer in layers:
+        method = layer.get("method", method)
+    if not isinstance(method, str):
+        raise ConfigError(f"method must be a name, got {method!r}")
+    schema = _schema_for(method)
+    try:
+        merged = OmegaConf.structured(schema)
+        for layer in layers:
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

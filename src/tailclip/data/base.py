@@ -1,0 +1,195 @@
+"""The dataset contract: a Task is class names + templates + labelled splits; a split is a list of items
+that load as PIL images. Transforms are applied by `LabeledImages`, so one Task serves every backbone."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import CorruptImageError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource(Protocol):
+    """Anything that yields images by index: files on disk, arrays in memory, a procedural generator."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image:
+        """Return the RGB image; raise CorruptImageError naming the file when it cannot be decoded."""
+        ...
+
+    def ident(self, index: int) -> str:
+        """A stable identifier (usually the path) used in error messages, fingerprints and reports."""
+        ...
+
+
+class FileImages:
+    """Images stored as files: `paths` are relative to `root` (or absolute)."""
+
+    def __init__(self, root: str, paths: Sequence[str]) -> None:
+        import os
+
+        self.root = root
+        self.paths = list(paths)
+        self._join = os.path.join
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def ident(self, index: int) -> str:
+        return self._join(self.root, self.paths[index])
+
+    def load(self, index: int) -> Image.Image:
+        path = self.ident(index)
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"missing image file: {path}") from None
+        except Exception as exc:  # PIL raises many types for broken files
+            raise CorruptImageError(path, type(exc).__name__ + ": " + str(exc)) from None
+
+
+class ArrayImages:
+    """Images held in memory as a uint8 (N, H, W, 3) array (CIFAR)."""
+
+    def __init__(self, array: np.ndarray, name: str) -> None:
+        self.array = array
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def ident(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.array[index])
+
+
+class SubsetImages:
+    """A view of another source restricted to `indices` (K-shot samples, LT selections)."""
+
+    def __init__(self, base: ImageSource, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def ident(self, index: int) -> str:
+        return self.base.ident(self.indices[index])
+
+    def load(self, index: int) -> Image.Image:
+        return self.base.load(self.indices[index])
+
+
+@dataclass
+class Split:
+    """One labelled split. `labels[i]` is the class index of `images[i]`."""
+
+    images: ImageSource
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.images) != len(self.labels):
+            raise DataError(f"split has {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> Split:
+        idx = np.asarray(indices, dtype=np.int64)
+        return Split(SubsetImages(self.images, idx), self.labels[idx])
+
+    def fingerprint(self) -> str:
+        """Content key for caches: identifiers + labels (cheap, no image decoding)."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            h.update(self.images.ident(i).encode())
+            h.update(b"\0")
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Task:
+    """A dataset ready for any method: class names, prompt templates and the splits that exist."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    splits: dict[str, Split]
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. imbalance ratio, shots, seed, drawn indices
+    group_counts: np.ndarray | None = None  # counts defining many/medium/few (default: train counts)
+
+    def __post_init__(self) -> None:
+        for split_name, split in self.splits.items():
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= self.num_classes):
+                raise DataError(
+                    f"{self.name}/{split_name}: labels span [{split.labels.min()}, {split.labels.max()}] "
+                    f"but the dataset has {self.num_classes} class names"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Training images per class (what LA / balanced softmax / grouping use)."""
+        if "train" not in self.splits:
+            raise DataError(f"{self.name} has no train split, so it has no class counts")
+        return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(f"{self.name} has no {name!r} split; it has: {', '.join(self.splits)}")
+        return self.splits[name]
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """Torch dataset over a Split: returns (image_tensor, label, index).
+
+    on_bad_image="error" stops with an error naming the file; "skip" returns None for that item (the
+    collate function drops it) and records the path in `bad`, so the run reports what it left out.
+    """
+
+    def __init__(self, split: Split, transform: Callable[[Image.Image], Any], on_bad_image: str = "error") -> None:
+        self.split = split
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.bad: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
+        try:
+            img = self.split.images.load(index)
+        except DataError as exc:
+            if self.on_bad_image == "skip":
+                ident = self.split.images.ident(index)
+                log.warning("skipping unreadable image %s: %s", ident, exc)
+                self.bad.append(ident)
+                return None
+            raise
+        return self.transform(img), int(self.split.labels[index]), index
+
+
+def collate_skip_none(batch: list[Any]) -> Any:
+    """Default collate that leaves out items the dataset skipped (bad images under on_bad_image=skip)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
