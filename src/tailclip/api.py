@@ -1,0 +1,178 @@
+"""The orchestrator behind `tailclip train|eval`: build backbone, task and method from a RunConfig, fit,
+evaluate every requested split, and write the run folder. Methods never handle run folders themselves."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .backbones import create_backbone
+from .config import RunConfig, load_config
+from .data.base import Task
+from .data.registry import build_task
+from .errors import TailclipError
+from .engine.checkpoint import load_checkpoint, save_checkpoint
+from .engine.evaluate import resolve_device
+from .engine.metrics import classification_metrics
+from .engine.runs import RunDir
+from .methods import FitContext, Method, Predictions, get_method
+
+log = logging.getLogger(__name__)
+
+
+def group_counts(task: Task) -> np.ndarray | None:
+    """Counts that define many/medium/few: the task's own grouping counts, else its train counts."""
+    if task.group_counts is not None:
+        return task.group_counts
+    return task.class_counts if "train" in task.splits else None
+
+
+def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
+    torch.manual_seed(cfg.train.seed)
+    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
+    task = build_task(cfg.data)
+    method = get_method(cfg.method)(cfg.method_config(), backbone, task).to(device)
+    return task, method
+
+
+def save_predictions(path: Path, preds: Predictions) -> None:
+    """Logits are kept with each run so post-hoc methods (GLA ensembles) can reuse them without the model."""
+    save_file({"logits": preds.logits.contiguous(), "labels": preds.labels, "indices": preds.indices}, str(path))
+
+
+def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
+    """Predict every configured split, save its logits, and collect metrics into one results dict."""
+    counts = group_counts(ctx.task)
+    results: dict[str, Any] = {
+        "method": ctx.cfg.method,
+        "dataset": ctx.task.name,
+        "classnames": ctx.task.classnames,
+        "model": method.backbone.spec,
+        "preprocess": method.backbone.preprocess.to_dict(),
+        "trainable_params": method.num_trainable(),
+        "task_meta": {k: v for k, v in ctx.task.meta.items() if k != "shot_indices"},
+        "tailclip_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "splits": {},
+    }
+    for split in ctx.cfg.eval.splits:
+        if split not in ctx.task.splits:
+            log.warning("dataset %s has no %s split; not evaluated", ctx.task.name, split)
+            continue
+        preds = method.predict(ctx, split)
+        save_predictions(ctx.run_dir / f"logits_{split}.safetensors", preds)
+        metrics = classification_metrics(preds.logits, preds.labels, counts)
+        metrics["skipped_images"] = preds.skipped
+        results["splits"][split] = metrics
+    main = results["splits"].get("test") or next(iter(results["splits"].values()), None)
+    if main is not None:
+        for key in ("top1", "many", "medium", "few", "ece", "nll"):
+            results[key] = main.get(key)
+    results.update(getattr(method, "extra_results", lambda: {})())
+    return results
+
+
+def run(cfg: RunConfig, train: bool = True) -> Path:
+    """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
+    trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting."""
+    device = resolve_device(cfg.device)
+    run_dir = RunDir.for_config(cfg)
+    with run_dir:
+        run_dir.write_config(cfg)
+        log.info("run folder %s", run_dir.path)
+        task, method = build(cfg, device)
+        if not train and method.num_trainable() > 0:
+            raise TailclipError(
+                f"method {cfg.method!r} has {method.num_trainable()} trainable parameters: train it with "
+                "`tailclip train`, or evaluate a trained run with `tailclip eval --checkpoint RUN_DIR`"
+            )
+        log.info("method %s: %d trainable parameters", cfg.method, method.num_trainable())
+        ctx = FitContext(cfg, task, run_dir.path, device)
+        method.fit(ctx)
+        if method.num_trainable() > 0:
+            save_checkpoint(method, ctx)
+        run_dir.write_results(evaluate(method, ctx))
+    return run_dir.path
+
+
+def load_trained(run_dir: Path, overrides: list[str] | None = None) -> tuple[RunConfig, Task, Method, torch.device]:
+    """Rebuild a trained run's method from its config.yaml and checkpoint (trainable parameters only)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise TailclipError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides or []))
+    device = resolve_device(cfg.device)
+    task, method = build(cfg, device)
+    load_checkpoint(method, run_dir)
+    return cfg, task, method, device
+
+
+def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Path:
+    """`tailclip eval --checkpoint RUN_DIR`: evaluate a trained run again (e.g. with eval.tte=five_crop);
+    results go to RUN_DIR/evals/<timestamp> unless output_dir/run_name are overridden."""
+    run_dir = Path(run_dir)
+    defaults = [f"output_dir={run_dir / 'evals'}", f"run_name=eval-{time.strftime('%Y%m%d-%H%M%S')}"]
+    cfg, task, method, device = load_trained(run_dir, defaults + list(overrides or []))
+    out = RunDir.for_config(cfg)
+    with out:
+        out.write_config(cfg)
+        out.write_results(evaluate(method, FitContext(cfg, task, out.path, device)))
+    return out.path
+
+
+@torch.no_grad()
+def predict_files(run_dir: Path, paths: list[Path], topk: int = 5) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for image files, using a trained run folder."""
+    from .data.base import FileImages
+    from .data.transforms import eval_transform
+
+    cfg, task, method, device = load_trained(Path(run_dir), [f"output_dir={Path(run_dir) / 'predict'}"])
+    transform = eval_transform(method.backbone.preprocess)
+    images = FileImages("", [str(p) for p in paths])
+    method.eval()
+    rows = []
+    for i, path in enumerate(paths):
+        x = transform(images.load(i)).unsqueeze(0).to(device)
+        probs = method(x).logits.float().softmax(dim=-1)[0]
+        top = probs.topk(min(topk, probs.numel()))
+        rows.append({
+            "image": str(path),
+            "predictions": [{"class": task.classnames[j], "index": int(j), "prob": float(p)}
+                            for p, j in zip(top.values.tolist(), top.indices.tolist())],
+        })
+    return rows
+
+
+def param_report(method: Method) -> str:
+    """Trainable-parameter counts by top-level module, then the total (for `--print-params`)."""
+    by_module: dict[str, int] = {}
+    for name, p in method.trainable_parameters():
+        key = ".".join(name.split(".")[:2]) if name.startswith("backbone.") else name.split(".")[0]
+        by_module[key] = by_module.get(key, 0) + p.numel()
+    total_backbone = sum(p.numel() for p in method.backbone.parameters())
+    lines = [f"{k:<40} {v:>12,}" for k, v in sorted(by_module.items())]
+    lines.append(f"{'trainable total':<40} {method.num_trainable():>12,}")
+    lines.append(f"{'backbone (frozen unless listed)':<40} {total_backbone:>12,}")
+    return "\n".join(lines)
+
+
+SUMMARY_KEYS = ("top1", "many", "medium", "few")
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
+    """A small fixed-width table of results (percent), one row per (label, results)."""
+    width = max([len(label) for label, _ in rows] + [6])
+    lines = [f"{'':<{width}}  " + "  ".join(f"{k:>7}" for k in keys)]
+    for label, res in rows:
+        cells = ["    n/a" if res.get(k) is None else f"{res[k]:7.2f}" for k in keys]
+        lines.append(f"{label:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""`tailclip train|eval|predict|extract|list|verify-data|report|demo`. Only the CLI configures logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import TailclipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger("tailclip")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset (configs/...)")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="method name (tailclip list methods)")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="dataset name (tailclip list datasets)")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="model name (tailclip list models)")]
+RootOpt = Annotated[Optional[str], typer.Option(help="dataset root folder")]
+OutOpt = Annotated[Optional[str], typer.Option("--output-dir", help="where run folders go")]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="run folder name")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides key=value, e.g. train.lr=0.02")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _overrides(
+    method: str | None, dataset: str | None, model: str | None, root: str | None, output_dir: str | None,
+    name: str | None, extra: list[str] | None,
+) -> list[str]:
+    out = []
+    for key, value in (("method", method), ("data.name", dataset), ("model.name", model), ("data.root", root),
+                       ("output_dir", output_dir), ("run_name", name)):
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out + list(extra or [])
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TailclipError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def _print_summary(run_dir: Path) -> None:
+    from .api import format_table
+    from .engine.runs import RunDir
+
+    res = RunDir(run_dir).read_results()
+    typer.echo(format_table([(f"{res['method']} on {res['dataset']}", res)]))
+    typer.echo(f"run folder: {run_dir}")
+
+
+def _guard(fn):  # noqa: ANN001, ANN202
+    """Turn user-facing errors into one clear line and exit code 2, instead of a stack trace."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except TailclipError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def train(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = None,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    output_dir: OutOpt = None,
+    name: NameOpt = None,
+    shots: Annotated[Optional[str], typer.Option(help="few-shot grid, e.g. 1,2,4,8,16")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="seeds of the grid, e.g. 1,2,3")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="auto, or a run folder to continue")] = None,
+    print_params: Annotated[bool, typer.Option("--print-params", help="print trainable parameters and exit")] = False,
+) -> None:
+    """Train a method (fine-tuning, adapters, post-hoc fitting) and evaluate it."""
+    from .config import load_config
+
+    _setup_logging()
+    ovr = _overrides(method, dataset, model, root, output_dir, name, overrides)
+    if resume is not None:
+        ovr.append(f"resume={resume}")
+    cfg = load_config(config, ovr)
+    if print_params:
+        from .api import build, param_report
+        from .engine.evaluate import resolve_device
+
+        _, m = build(cfg, resolve_device(cfg.device))
+        typer.echo(param_report(m))
+        return
+    if shots is not None or seeds is not None:
+        from .engine.grid import run_grid
+
+        out = run_grid(cfg, _ints(shots) or [cfg.data.shots or 16], _ints(seeds) or [cfg.data.seed])
+        typer.echo(Path(out / "grid.md").read_text() if (out / "grid.md").exists() else f"grid folder: {out}")
+        return
+    from .api import run
+
+    _print_summary(run(cfg))
+
+
+@app.command("eval")
+@_guard
+def eval_(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = None,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    output_dir: OutOpt = None,
+    name: NameOpt = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="a run folder written by tailclip train")] = None,
+) -> None:
+    """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
+    from .api import run, run_from_checkpoint
+    from .config import load_config
+
+    _setup_logging()
+    ovr = _overrides(method, dataset, model, root, output_dir, name, overrides)
+    if checkpoint is not None:
+        _print_summary(run_from_checkpoint(checkpoint, ovr))
+        return
+    cfg = load_config(config, ovr)
+    _print_summary(run(cfg, train=False))
+
+
+@app.command()
+@_guard
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    checkpoint: Annotated[Path, typer.Option(help="a run folder written by tailclip train")],
+    topk: Annotated[int, typer.Option(help="how many classes to print per image")] = 5,
+) -> None:
+    """Classify image files with a trained run folder; prints one JSON line per image."""
+    import json
+
+    from .api import predict_files
+
+    _setup_logging()
+    for row in predict_files(checkpoint, images, topk=topk):
+        typer.echo(json.dumps(row))
+
+
+@app.command()
+@_guard
+def extract(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    splits: Annotated[str, typer.Option(help="comma-separated splits")] = "train,val,test",
+    views: Annotated[int, typer.Option(help="augmented views of the train split (0: none)")] = 0,
+) -> None:
+    """Compute frozen image features once into the feature cache."""
+    from .config import load_config
+    from .features import extract_from_config
+
+    _setup_logging()
+    cfg = load_config(config, _overrides(None, dataset, model, root, None, None, overrides))
+    for path in extract_from_config(cfg, [s for s in splits.split(",") if s], views=views):
+        typer.echo(str(path))
+
+
+@app.command("list")
+@_guard
+def list_(what: Annotated[str, typer.Argument(help="datasets | models | methods | templates")]) -> None:
+    """List registered datasets, model name forms, methods or template sets."""
+    if what == "datasets":
+        from .data import load_all  # noqa: F401
+        from .data.registry import DATASETS
+
+        for name, builder in DATASETS.items():
+            doc = (builder.__doc__ or "").strip().splitlines()
+            typer.echo(f"{name:<18} {doc[0] if doc else ''}")
+    elif what == "models":
+        from .backbones import list_models
+
+        for name in list_models():
+            typer.echo(name)
+    elif what == "methods":
+        from .methods import METHODS
+
+        for name, cls in METHODS.items():
+            doc = (cls.__doc__ or "").strip().splitlines()
+            typer.echo(f"{name:<14} {doc[0] if doc else ''}")
+    elif what == "templates":
+        from .data.templates import TEMPLATE_SETS
+
+        for name, templates in sorted(TEMPLATE_SETS.items()):
+            typer.echo(f"{name:<24} {len(templates):>3} templates, e.g. {templates[0]!r}")
+    else:
+        raise TailclipError(f"cannot list {what!r}; choose one of: datasets, models, methods, templates")
+
+
+@app.command("verify-data")
+@_guard
+def verify_data(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    root: RootOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Check that every file of a dataset exists and decodes; names each missing or unreadable file."""
+    from .config import load_config
+    from .data.verify import verify_dataset
+
+    _setup_logging()
+    cfg = load_config(None, _overrides(None, dataset, None, root, None, None, overrides))
+    problems = verify_dataset(cfg.data)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) found in {dataset}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{dataset}: all files present and readable")
+
+
+@app.command()
+@_guard
+def report(runs: Annotated[list[Path], typer.Argument(help="run folders")]) -> None:
+    """Aggregate run folders' results.json into one table (never scrapes logs)."""
+    from .api import format_table
+    from .engine.runs import RunDir
+
+    rows = []
+    for path in runs:
+        if not (path / "results.json").is_file():
+            raise TailclipError(f"{path} has no results.json (not a finished run folder)")
+        res = RunDir(path).read_results()
+        rows.append((f"{path.name}", res))
+    typer.echo(format_table(rows))
+
+
+@app.command()
+@_guard
+def demo(
+    output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo's run folders go")] = "runs/demo",
+    quick: Annotated[bool, typer.Option("--quick", help="fewer epochs/images, for a smoke run")] = False,
+) -> None:
+    """Run every method on the built-in synthetic world and print overall/many/medium/few accuracy."""
+    from .demo import run_demo
+
+    _setup_logging()
+    typer.echo(run_demo(output_dir, quick=quick))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

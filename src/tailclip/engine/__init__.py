@@ -1,0 +1,1 @@
+"""Train/evaluate loops, checkpoints, metrics and run folders shared by every method."""

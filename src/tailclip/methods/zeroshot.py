@@ -1,0 +1,42 @@
+"""Zero-shot CLIP with prompt ensembles: logits = scale · cos(f_img, w_c)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backbones.base import Backbone
+from ..data.base import Task
+from .base import Method, Output, register_method
+
+
+@dataclass
+class ZeroShotConfig:
+    logit_scale: Optional[float] = None  # None: the model's own (100 for OpenAI CLIP)
+
+
+def zeroshot_weights(backbone: Backbone, task: Task) -> Tensor:
+    """(C, D) prompt-ensemble classifier for the task's class names and templates."""
+    return backbone.text_classifier(task.classnames, task.templates)
+
+
+@register_method("zeroshot")
+class ZeroShot(Method):
+    """Frozen CLIP; the classifier is the prompt ensemble of the task's templates. Nothing trains."""
+
+    Config = ZeroShotConfig
+
+    def __init__(self, cfg: ZeroShotConfig, backbone: Backbone, task: Task) -> None:
+        super().__init__(cfg, backbone, task)
+        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
+        self.register_buffer("text_weights", zeroshot_weights(backbone, task))
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
+        feats = self.backbone.encode_image(images).proj.float()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = self.scale * feats @ self.text_weights.t()
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return Output(logits, loss)
