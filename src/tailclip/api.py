@@ -37,8 +37,8 @@ def group_counts(task: Task) -> np.ndarray | None:
 
 def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
     torch.manual_seed(cfg.train.seed)
+    task = build_task(cfg.data)  # first: data errors are cheaper to find than loading weights
     backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
-    task = build_task(cfg.data)
     method = get_method(cfg.method)(cfg.method_config(), backbone, task).to(device)
     return task, method
 

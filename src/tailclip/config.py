@@ -73,10 +73,21 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = False
     select_on: str = "none"  # none: keep the last epoch; val: keep the best validation epoch
+    sched_unit: str = "epoch"  # epoch: LR changes once an epoch (LIFT); step: every optimizer step
+    warmup_type: str = "constant"  # constant: hold warmup_lr (CoOp/Candle); linear: ramp warmup_lr -> lr
+    min_lr: float = 0.0  # floor of the cosine
+    clip_grad_norm: Optional[float] = None  # max global grad norm (None: no clipping)
+    val_every: int = 1  # evaluate the val split (when the dataset has one) every N epochs; 0: never
+    resume_every_steps: int = 0  # also write the resume state every N optimizer steps mid-epoch (0: off)
+    resume_every_minutes: float = 10.0  # ... and whenever this much time passed since the last one (0: off)
 
     def __post_init__(self) -> None:
         check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         check_choice("train.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("train.sched_unit", self.sched_unit, ("epoch", "step"))
+        check_choice("train.warmup_type", self.warmup_type, ("constant", "linear"))
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be in [0, train.epochs]")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.select_on", self.select_on, ("none", "val"))
         for key in ("epochs", "batch_size", "grad_accum"):

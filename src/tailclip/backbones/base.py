@@ -87,20 +87,25 @@ class Backbone(nn.Module):
     """A frozen CLIP with our own vision-tower forward. Built by `tailclip.backbones.create_backbone`.
 
     Attributes a method may rely on:
-      name (str), spec (dict, JSON-able: everything needed to rebuild it), preprocess (Preprocess),
+      name (str), spec (dict, JSON-able: everything needed to rebuild it), fingerprint (str: identifies the
+      weights + architecture, keys the feature cache), preprocess (Preprocess),
       arch ("vit" | "resnet"), width d (ViT width; RN: final feature channels), embed_dim D,
-      num_blocks L (ViT blocks; RN: 4 stages), hooks (HookPoints, ViT only),
-      visual_proj: (d, D) tensor or None, logit_scale (float, CLIP's exp(logit_scale), 100 for OpenAI).
+      num_blocks L (ViT blocks; RN: 4 stages), hooks (HookPoints; empty for ResNets),
+      visual_proj: (d, D) tensor or None (RN: use `attnpool`), logit_scale (float, CLIP's exp(logit_scale),
+      100 for OpenAI), model (the wrapped open_clip / transformers module, frozen), tap_names().
     """
 
     name: str
     spec: dict[str, Any]
+    fingerprint: str
     preprocess: Preprocess
     arch: str
     width: int
     embed_dim: int
     num_blocks: int
+    logit_scale: float
     hooks: HookPoints
+    model: nn.Module
 
     def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:  # pragma: no cover
         raise NotImplementedError
@@ -109,9 +114,26 @@ class Backbone(nn.Module):
         """(N, D) un-normalised text features."""
         raise NotImplementedError
 
+    def tap_names(self) -> list[str]:  # pragma: no cover
+        """Names accepted by `encode_image(taps=...)`."""
+        return []
+
     @property
     def visual_proj(self) -> Tensor | None:  # pragma: no cover
         raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Projected, un-normalised image features (so a Backbone can stand wherever an encoder module is used)."""
+        return self.encode_image(images).proj
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Switch tuners attached to the backbone, but keep the wrapped CLIP in eval mode: its BatchNorm
+        statistics (ResNets) and any patch dropout stay frozen however the method is trained."""
+        super().train(mode)
+        model = self._modules.get("model")
+        if model is not None:
+            model.eval()
+        return self
 
     @torch.no_grad()
     def text_classifier(self, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:

@@ -55,7 +55,7 @@ class FileImages:
                 return img.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"missing image file: {path}") from None
-        except Exception as exc:  # PIL raises many types for broken files
+        except Exception as exc:  # noqa: BLE001  (PIL raises many types for broken files)
             raise CorruptImageError(path, type(exc).__name__ + ": " + str(exc)) from None
 
 
@@ -73,7 +73,7 @@ class ArrayImages:
         return f"{self.name}[{index}]"
 
     def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.array[index])
+        return Image.fromarray(np.ascontiguousarray(self.array[index])).convert("RGB")
 
 
 class SubsetImages:

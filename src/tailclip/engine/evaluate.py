@@ -1,16 +1,22 @@
-"""Inference over a split: batches through the method, optional test-time crop ensembling, mixed precision."""
+"""Inference over a split: batches through the method, optional test-time crop ensembling, mixed precision.
+
+Under torchrun each rank predicts a contiguous shard of the split (no padding, so no duplicated images) and
+the shards are gathered and put back in split order on every rank."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.base import LabeledImages, collate_skip_none
+from . import distributed
 
 if TYPE_CHECKING:
     from ..methods.base import FitContext, Method, Predictions
@@ -19,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available (under torchrun: this rank's GPU, cuda:LOCAL_RANK), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            info = distributed.env_info()
+            return torch.device(f"cuda:{info.local_rank}" if info.enabled else "cuda")
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -28,56 +38,94 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """fp32: nothing; amp: fp16 on CUDA (bf16 on CPU, which has no fast fp16); amp_bf16: bf16."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" or device.type == "cpu" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device, precision))
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if precision == "amp_bf16" or device.type == "cpu" else torch.float16
 
 
 def image_loader(
-    ctx: FitContext, split: str, transform, batch_size: int, shuffle: bool = False
+    ctx: FitContext, split: str, transform, batch_size: int, shuffle: bool = False,
+    indices: np.ndarray | None = None,
 ) -> tuple[torch.utils.data.DataLoader, LabeledImages]:
+    """Loader over a split (or the given positions of it); items are (image, label, position in the split)."""
     dataset = LabeledImages(ctx.task.split(split), transform, on_bad_image=ctx.cfg.data.on_bad_image)
+    source = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
     loader = torch.utils.data.DataLoader(
-        dataset,
+        source,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=ctx.cfg.data.num_workers,
         collate_fn=collate_skip_none,
         pin_memory=ctx.device.type == "cuda",
+        generator=torch.Generator(),  # own generator: evaluation never consumes the global (training) RNG
     )
     return loader, dataset
 
 
 def iter_batches(loader: torch.utils.data.DataLoader, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    disable = None if distributed.is_main_process() else True
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=disable):
         if batch is None:  # every item of this batch was a skipped bad image
             continue
         yield batch
 
 
+def ensemble_logits(forward: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """Logits of a batch; a (B, crops, 3, H, W) batch (five/ten-crop TTE) gives the mean logits over crops."""
+    if images.ndim == 5:
+        b, n = images.shape[:2]
+        return forward(images.flatten(0, 1)).float().view(b, n, -1).mean(dim=1)
+    return forward(images).float()
+
+
 @torch.no_grad()
-def predict_images(method: Method, ctx: FitContext, split: str) -> Predictions:
-    """Logits of `method` on every image of `split` (averaged over crops when eval.tte is set)."""
+def predict_images(
+    method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None
+) -> Predictions:
+    """Logits of `method` on every image of `split` (averaged over crops when TTE is on; `tte` overrides
+    eval.tte, e.g. "none" for the per-epoch validation pass)."""
     from ..data.transforms import eval_transform, tte_transform
     from ..methods.base import Predictions
 
+    distributed.init_distributed(ctx.device)
     pre = method.backbone.preprocess
-    tte = ctx.cfg.eval.tte
+    tte = ctx.cfg.eval.tte if tte is None else tte
     transform = eval_transform(pre) if tte == "none" else tte_transform(pre, tte)
-    loader, dataset = image_loader(ctx, split, transform, ctx.cfg.eval.batch_size)
+    n = len(ctx.task.split(split))
+    world = distributed.world_size()
+    mine = distributed.shard(np.arange(n), distributed.rank(), world) if world > 1 else None
+    loader, dataset = image_loader(ctx, split, transform, ctx.cfg.eval.batch_size, indices=mine)
+    was_training = method.training
     method.eval()
     all_logits, all_labels, all_idx = [], [], []
-    for images, labels, idx in iter_batches(loader, f"eval {split}"):
-        images = images.to(ctx.device, non_blocking=True)
-        with autocast(ctx.device, ctx.cfg.eval.precision):
-            if images.ndim == 5:  # (B, crops, 3, H, W): average logits over crops
-                b, n = images.shape[:2]
-                logits = method(images.flatten(0, 1)).logits.float().view(b, n, -1).mean(dim=1)
-            else:
-                logits = method(images).logits.float()
-        all_logits.append(logits.cpu())
-        all_labels.append(labels)
-        all_idx.append(idx)
-    if not all_logits:
+    try:
+        for images, labels, idx in iter_batches(loader, desc or f"eval {split}"):
+            images = images.to(ctx.device, non_blocking=True)
+            with autocast(ctx.device, ctx.cfg.eval.precision):
+                logits = ensemble_logits(lambda x: method(x).logits, images)
+            all_logits.append(logits.cpu())
+            all_labels.append(labels)
+            all_idx.append(idx)
+    finally:
+        method.train(was_training)
+    c = method.num_classes
+    local = (
+        torch.cat(all_logits) if all_logits else torch.zeros(0, c),
+        torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long),
+        torch.cat(all_idx) if all_idx else torch.zeros(0, dtype=torch.long),
+    )
+    shards = distributed.all_gather_objects(local)
+    logits = torch.cat([s[0] for s in shards])
+    labels = torch.cat([s[1] for s in shards])
+    idx = torch.cat([s[2] for s in shards])
+    if idx.numel() == 0:
         raise RuntimeError(f"no image of split {split!r} could be evaluated")
-    skipped = sorted(set(dataset.split.images.ident(i) for i in set(range(len(dataset))) - set(torch.cat(all_idx).tolist())))
-    return Predictions(torch.cat(all_logits), torch.cat(all_labels), torch.cat(all_idx), skipped)
+    order = idx.argsort()
+    logits, labels, idx = logits[order], labels[order], idx[order]
+    seen = set(idx.tolist())
+    skipped = sorted({dataset.split.images.ident(i) for i in range(n) if i not in seen})
+    return Predictions(logits, labels, idx, skipped)

@@ -4,6 +4,8 @@ from .base import METHODS, FitContext, Method, Output, Predictions, register_met
 
 # One import per method module (each registers itself).
 from . import zeroshot  # noqa: E402,F401
+from . import lift  # noqa: E402,F401
+from . import gla, linear_probe, tip_adapter  # noqa: E402,F401
 
 
 def get_method(name: str) -> type[Method]:

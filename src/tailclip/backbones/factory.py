@@ -1,0 +1,507 @@
+"""`create_backbone(name)`: one call from a model name to a ready, frozen Backbone whose preprocessing and
+identity (spec, fingerprint) travel with it.
+
+Name forms (also printed by `tailclip list models`):
+  ARCH@TAG             open_clip architecture + pretrained tag    ViT-B-16@openai, RN50@openai
+  ARCH@none            random init (benchmarks)                   ViT-B-16@none
+  ARCH@/path/file.pt   open_clip architecture + local checkpoint (.pt, .pth, .bin, .safetensors)
+  hf-hub:org/repo      open_clip model on the Hugging Face Hub (open_clip_config.json + weights)
+  local-dir:PATH       a folder holding open_clip_config.json + weights (open_clip's local-dir: schema)
+  hf:org/repo, hf:/dir transformers CLIPModel, local files only
+  json:CFG.json[@W]    an open_clip model config JSON, random weights or weights file W (tests)
+  synthetic:NAME       tailclip's built-in tiny CLIP (tailclip.synthetic.model_files)
+
+Weights are looked up locally first (open_clip's pretrained config -> Hugging Face cache file or URL cache);
+a download is attempted only when not offline, and any failure becomes a WeightsNotFoundError that names
+the missing file and how to point at a local copy, never a network stack trace."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..errors import UnknownNameError, WeightsNotFoundError
+from .base import Backbone, Preprocess
+
+log = logging.getLogger(__name__)
+
+NAME_FORMS = [
+    "ARCH@TAG",
+    "ARCH@none",
+    "ARCH@/path/to/checkpoint.(pt|bin|safetensors)",
+    "hf-hub:org/repo",
+    "local-dir:PATH",
+    "hf:org/repo",
+    "hf:/local/path",
+    "json:PATH.json[@weights.safetensors]",
+    "synthetic:NAME",
+]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+RANDOM_TAGS = ("none", "random")
+_HOW_TO_POINT = (
+    "To use a local copy, download it and pass `model.name=ARCH@/path/to/file` (a checkpoint file), "
+    "`model.name=local-dir:DIR` (a folder with open_clip_config.json + weights) or `model.cache_dir=DIR` "
+    "(a Hugging Face cache or a plain folder holding the file)."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# listing
+# --------------------------------------------------------------------------------------------------
+def list_models() -> list[str]:
+    """The accepted name forms, the built-in synthetic models, then every open_clip `ARCH@TAG`."""
+    import open_clip
+
+    names = list(NAME_FORMS)
+    try:
+        from .. import synthetic
+
+        names += [f"synthetic:{m}" for m in getattr(synthetic, "MODELS", ())]
+    except ImportError:  # pragma: no cover - the synthetic package is part of tailclip
+        pass
+    names += [f"{arch}@{tag}" for arch, tag in open_clip.list_pretrained()]
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# the factory
+# --------------------------------------------------------------------------------------------------
+def create_backbone(name: str, cache_dir: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Build a frozen Backbone (eval mode, requires_grad False) on `device` from any accepted name form."""
+    name = name.strip()
+    if name.startswith("synthetic:"):
+        backbone = _from_synthetic(name)
+    elif name.startswith("json:"):
+        backbone = _from_json_name(name)
+    elif name.startswith("hf-hub:"):
+        backbone = _from_hf_hub(name, cache_dir)
+    elif name.startswith("local-dir:"):
+        backbone = _from_local_dir(name)
+    elif name.startswith("hf:"):
+        from .hf import create_hf_backbone
+
+        backbone = create_hf_backbone(name, cache_dir=cache_dir)
+    elif "@" in name:
+        backbone = _from_arch(name, cache_dir)
+    else:
+        raise UnknownNameError(_bare_name_message(name))
+    backbone.requires_grad_(False)
+    backbone.eval()
+    return backbone.to(torch.device(device))
+
+
+def _bare_name_message(name: str) -> str:
+    import open_clip
+
+    if name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        example = f"{name}@{tags[0]}" if tags else f"{name}@none"
+        return (
+            f"model name {name!r} needs a pretrained tag, e.g. {example!r} (tags for {name}: "
+            f"{', '.join(tags) or 'none'}; `{name}@none` = random init, `{name}@/path/file.pt` = a checkpoint)"
+        )
+    if name.count("/") == 1 and not name.startswith(("/", ".")):
+        return f"unknown model {name!r}; for a Hugging Face repo write 'hf:{name}' (CLIPModel) or 'hf-hub:{name}'"
+    return f"unknown model {name!r}; accepted forms: {', '.join(NAME_FORMS)} (`tailclip list models` lists all)"
+
+
+# --------------------------------------------------------------------------------------------------
+# ARCH@TAG / ARCH@none / ARCH@file
+# --------------------------------------------------------------------------------------------------
+def _from_arch(name: str, cache_dir: str | None) -> Backbone:
+    import open_clip
+
+    arch, tag = name.split("@", 1)
+    arch = arch.replace("/", "-")  # open_clip accepts ViT-B/16 spelled with a slash
+    known = open_clip.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=6, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise UnknownNameError(f"unknown open_clip architecture {arch!r}{hint} (`tailclip list models` lists all)")
+    model_cfg = open_clip.get_model_config(arch)
+    preprocess_overlay: dict[str, Any] = {}
+    pretrained: str | None = tag
+
+    if tag.lower() in RANDOM_TAGS:
+        weights, pretrained = None, None
+    elif _looks_like_path(tag):
+        path = Path(tag).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"checkpoint file not found: {path} (from model name {name!r}); give the path of an existing "
+                f"{'/'.join(CHECKPOINT_SUFFIXES)} file, or use ARCH@TAG for a released checkpoint"
+            )
+        weights = path
+    else:
+        pcfg = open_clip.get_pretrained_cfg(arch, tag)
+        if not pcfg:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise UnknownNameError(
+                f"unknown pretrained tag {tag!r} for {arch}; known tags: {', '.join(tags) or '(none)'}; "
+                f"or use {arch}@none (random) / {arch}@/path/to/checkpoint.pt"
+            )
+        weights = Path(resolve_pretrained_file(name, pcfg, cache_dir))
+        preprocess_overlay = pcfg
+        if pcfg.get("quick_gelu") and not model_cfg.get("quick_gelu"):
+            # OpenAI weights were trained with QuickGELU; open_clip 3.x only warns about the mismatch, we fix it
+            model_cfg["quick_gelu"] = True
+    model = build_openclip_model(model_cfg, weights)
+    spec = {"name": name, "source": "open_clip", "arch": arch, "pretrained": pretrained,
+            "weights": str(weights) if weights else None}
+    tokenizer = _tokenizer(model_cfg, builtin_arch=arch, cache_dir=cache_dir)
+    return _wrap(model, model_cfg, tokenizer, name, spec, preprocess_overlay, weights)
+
+
+def _looks_like_path(tag: str) -> bool:
+    return os.sep in tag or "/" in tag or tag.startswith((".", "~")) or tag.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------------
+# hf-hub: / local-dir: / json: / synthetic:
+# --------------------------------------------------------------------------------------------------
+def _from_hf_hub(name: str, cache_dir: str | None) -> Backbone:
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo = name[len("hf-hub:"):]
+    cfg_path = Path(fetch_hf_file(name, repo, [HF_CONFIG_NAME], cache_dir))
+    config = json.loads(cfg_path.read_text())
+    model_cfg = config.get("model_cfg", config)
+    weights = Path(fetch_hf_file(name, repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME], cache_dir))
+    model = build_openclip_model(model_cfg, weights)
+    spec = {"name": name, "source": "open_clip", "arch": repo, "pretrained": repo, "weights": str(weights)}
+    tokenizer = _tokenizer(model_cfg, source_dir=cfg_path.parent, cache_dir=cache_dir)
+    return _wrap(model, model_cfg, tokenizer, name, spec, config.get("preprocess_cfg", {}), weights)
+
+
+def _from_local_dir(name: str) -> Backbone:
+    folder = Path(name[len("local-dir:"):]).expanduser()
+    if not folder.is_dir():
+        raise WeightsNotFoundError(f"model folder not found: {folder} (from {name!r})")
+    cfg_path = folder / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise WeightsNotFoundError(f"{name!r}: missing {cfg_path} (open_clip's model config for local-dir:)")
+    config = json.loads(cfg_path.read_text())
+    if "model_cfg" not in config:
+        raise WeightsNotFoundError(f"{cfg_path} has no 'model_cfg' entry (open_clip_config.json format)")
+    weights = _find_checkpoint_in_dir(folder)
+    if weights is None:
+        raise WeightsNotFoundError(
+            f"{name!r}: no weights in {folder}; expected one of open_clip_model.safetensors, "
+            f"open_clip_pytorch_model.bin, model.safetensors, pytorch_model.bin (or any *.safetensors/*.bin/*.pth)"
+        )
+    model_cfg = config["model_cfg"]
+    model = build_openclip_model(model_cfg, weights)
+    spec = {"name": name, "source": "open_clip", "arch": folder.name, "pretrained": str(folder),
+            "weights": str(weights)}
+    tokenizer = _tokenizer(model_cfg, source_dir=folder)
+    return _wrap(model, model_cfg, tokenizer, name, spec, config.get("preprocess_cfg", {}), weights)
+
+
+def _from_json_name(name: str) -> Backbone:
+    rest = name[len("json:"):]
+    cfg_str, sep, weights_str = rest.partition(".json@")
+    cfg_path = Path(cfg_str + ".json" if sep else cfg_str).expanduser()
+    weights = Path(weights_str).expanduser() if sep else None
+    return from_json(cfg_path, weights, name=name)
+
+
+def _from_synthetic(name: str) -> Backbone:
+    from .. import synthetic  # imported lazily: the synthetic world pulls in image generation code
+
+    cfg_path, weights = synthetic.model_files(name[len("synthetic:"):])
+    return from_json(Path(cfg_path), Path(weights), name=name)
+
+
+def from_json(cfg_path: Path, weights: Path | None, name: str) -> Backbone:
+    """An open_clip model from a config JSON (a bare model config or {"model_cfg", "preprocess_cfg"})."""
+    if not cfg_path.is_file():
+        raise WeightsNotFoundError(f"model config not found: {cfg_path} (from {name!r})")
+    if weights is not None and not weights.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {weights} (from {name!r})")
+    config = json.loads(cfg_path.read_text())
+    model_cfg = config.get("model_cfg", config)
+    model = build_openclip_model(model_cfg, weights)
+    spec = {"name": name, "source": "open_clip", "arch": cfg_path.stem, "pretrained": str(weights) if weights else None,
+            "weights": str(weights) if weights else None, "model_cfg": model_cfg}
+    return _wrap(model, model_cfg, _tokenizer(model_cfg), name, spec, config.get("preprocess_cfg", {}), weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+def build_openclip_model(model_cfg: dict[str, Any], weights: Path | None) -> nn.Module:
+    """Instantiate open_clip's model class for `model_cfg` (never downloading base tower weights) and load
+    `weights` strictly with open_clip's own loader (which converts OpenAI / timm / big_vision layouts)."""
+    from open_clip.coca_model import CoCa
+    from open_clip.factory import load_checkpoint
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(model_cfg)
+    vision_cfg, text_cfg = cfg.setdefault("vision_cfg", {}), cfg.setdefault("text_cfg", {})
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    is_hf_text = "hf_model_name" in text_cfg
+    if is_hf_text:
+        text_cfg["hf_model_pretrained"] = False
+    custom_text = cfg.pop("custom_text", False) or is_hf_text
+    cls = (CoCa if "multimodal_cfg" in cfg else CustomTextCLIP) if custom_text else CLIP
+    try:
+        model = cls(**cfg)
+    except OSError as e:  # an HF text tower whose config is not cached
+        raise WeightsNotFoundError(f"could not build the text tower offline: {e}") from None
+    if weights is not None:
+        log.info("loading weights from %s", weights)
+        load_checkpoint(model, str(weights), strict=True)
+    return model.eval()
+
+
+def _preprocess(model: nn.Module, overlay: dict[str, Any]) -> Preprocess:
+    """open_clip's PreprocessCfg defaults, overlaid with the pretrained/hub config, sized like the model."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(PreprocessCfg(), dict(overlay or {}))
+    size = getattr(model.visual, "image_size", cfg["size"])
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) > 1:
+            log.warning("non-square model input %s; recording the first side as image_size", size)
+        size = size[0]
+    return Preprocess(
+        image_size=int(size),
+        mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg["interpolation"]),
+        resize_mode=str(cfg["resize_mode"]),
+    )
+
+
+def _tokenizer(
+    model_cfg: dict[str, Any],
+    builtin_arch: str | None = None,
+    source_dir: Path | None = None,
+    cache_dir: str | None = None,
+) -> Callable:
+    """open_clip's tokenizer for the model. The default BPE tokenizer ships with open_clip (offline); models
+    with a Hugging Face tokenizer need its files locally (the hub/local folder or the HF cache)."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    needs_hf = bool(text_cfg.get("hf_tokenizer_name")) or (builtin_arch is not None and "siglip" in builtin_arch.lower())
+    if not needs_hf:
+        return SimpleTokenizer(context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
+    source = f"local-dir:{source_dir}" if source_dir is not None else (builtin_arch or "")
+    try:
+        return open_clip.get_tokenizer(source, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - any failure here is "tokenizer files not available"
+        hf_name = text_cfg.get("hf_tokenizer_name") or builtin_arch
+        raise WeightsNotFoundError(
+            f"tokenizer files for {hf_name!r} are not available offline ({type(e).__name__}: {str(e)[:200]}). "
+            "Put the tokenizer files next to the weights and use `local-dir:DIR`, or set `model.cache_dir`."
+        ) from None
+
+
+def _wrap(
+    model: nn.Module,
+    model_cfg: dict[str, Any],
+    tokenizer: Callable,
+    name: str,
+    spec: dict[str, Any],
+    preprocess_overlay: dict[str, Any],
+    weights: Path | None,
+) -> Backbone:
+    from .openclip import OpenClipBackbone
+
+    preprocess = _preprocess(model, preprocess_overlay)
+    spec = {**spec, "preprocess": preprocess.to_dict()}
+    spec.setdefault("model_cfg", model_cfg)
+
+    def fingerprint() -> str:
+        weights_id = file_sha256(weights) if weights is not None else "params:" + params_sha256(model)
+        return combined_fingerprint(weights_id, model_cfg, "open_clip")
+
+    return OpenClipBackbone(model, tokenizer, name, preprocess, spec, fingerprint)
+
+
+def _find_checkpoint_in_dir(folder: Path) -> Path | None:
+    """The weights file of a local-dir: folder, preferring open_clip's own names and safetensors."""
+    preferred = [
+        "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+        "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+    ]
+    for fname in preferred:
+        if (folder / fname).is_file():
+            return folder / fname
+    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt") for p in folder.glob(ext))
+    if len(found) > 1:
+        log.warning("several checkpoints in %s: %s; using %s", folder, [p.name for p in found], found[0].name)
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# offline-first weight resolution
+# --------------------------------------------------------------------------------------------------
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_offline(host: str = "huggingface.co") -> bool:
+    """Offline when the user says so (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, TAILCLIP_OFFLINE) or when `host`
+    cannot be reached within a few seconds: then we fail at once with a clear message instead of letting a
+    download library retry for half a minute."""
+    if any(_env_true(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TAILCLIP_OFFLINE")):
+        return True
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def hf_cache_dirs(cache_dir: str | None) -> list[Path]:
+    """Where Hugging Face files may already be: `cache_dir` (an HF cache), then the default HF hub cache
+    (read from the environment at call time, so HF_HOME / HF_HUB_CACHE set after import still count)."""
+    dirs = [Path(cache_dir).expanduser()] if cache_dir else []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]).expanduser())
+    else:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        dirs.append(Path(home).expanduser() / "hub")
+    return dirs
+
+
+def _cached_hf_file(repo: str, filename: str, cache_dir: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for folder in hf_cache_dirs(cache_dir):
+        found = try_to_load_from_cache(repo, filename, cache_dir=str(folder))
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    if cache_dir and (Path(cache_dir).expanduser() / filename).is_file():  # a plain folder holding the file
+        return str(Path(cache_dir).expanduser() / filename)
+    return None
+
+
+def fetch_hf_file(name: str, repo: str, filenames: list[str], cache_dir: str | None) -> str:
+    """The first of `filenames` from HF repo `repo`: local cache first, then a download unless offline."""
+    for fname in filenames:
+        found = _cached_hf_file(repo, fname, cache_dir)
+        if found:
+            return found
+    error = ""
+    if not is_offline():
+        from huggingface_hub import hf_hub_download
+
+        for fname in filenames:
+            try:
+                return hf_hub_download(repo_id=repo, filename=fname, cache_dir=cache_dir)
+            except Exception as e:  # noqa: BLE001 - reported below as a missing file, not a stack trace
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    raise WeightsNotFoundError(_missing_message(name, [f"{' or '.join(filenames)} from Hugging Face repo {repo}"],
+                                                cache_dir, error))
+
+
+def resolve_pretrained_file(name: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
+    """Local path of an open_clip pretrained checkpoint (pretrained cfg: hf_hub 'org/repo/[file]' and/or url)."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives
+
+    if pcfg.get("file"):
+        if os.path.isfile(pcfg["file"]):
+            return pcfg["file"]
+        raise WeightsNotFoundError(_missing_message(name, [pcfg["file"]], cache_dir))
+    wanted: list[str] = []
+    repo, hf_names = "", []
+    if pcfg.get("hf_hub"):
+        repo, fname = os.path.split(pcfg["hf_hub"])  # 'org/repo/' (default file) or 'org/repo/file.bin'
+        fname = fname or HF_WEIGHTS_NAME
+        hf_names = [*_get_safe_alternatives(fname), fname]
+        for fn in hf_names:
+            found = _cached_hf_file(repo, fn, cache_dir)
+            if found:
+                return found
+        wanted.append(f"{' or '.join(hf_names)} from Hugging Face repo {repo}")
+    url = pcfg.get("url", "")
+    if url:
+        fname = os.path.basename(urlparse(url).path)
+        for folder in [cache_dir, os.path.expanduser("~/.cache/clip")]:
+            if folder and (Path(folder).expanduser() / fname).is_file():
+                return str(Path(folder).expanduser() / fname)
+        wanted.append(url)
+    error = ""
+    if repo and not is_offline():
+        from huggingface_hub import hf_hub_download
+
+        for fn in hf_names:
+            try:
+                return hf_hub_download(repo_id=repo, filename=fn, cache_dir=cache_dir)
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    elif url and not is_offline(urlparse(url).hostname or ""):
+        from open_clip.pretrained import download_pretrained_from_url
+
+        try:
+            return download_pretrained_from_url(url, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    raise WeightsNotFoundError(_missing_message(name, wanted, cache_dir, error))
+
+
+def _missing_message(name: str, wanted: list[str], cache_dir: str | None, error: str = "") -> str:
+    where = ", ".join(str(d) for d in hf_cache_dirs(cache_dir))
+    why = f"download failed ({error})" if error else "offline (no download attempted)"
+    return (
+        f"weights for {name!r} are not available locally: missing {'; or '.join(wanted)} "
+        f"(looked in {where}; {why}). {_HOW_TO_POINT}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints (key the feature cache)
+# --------------------------------------------------------------------------------------------------
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a weights file. Files in a Hugging Face cache are blobs named by their sha256 (LFS), so those
+    cost nothing; others are hashed once per (path, size, mtime) in this process."""
+    real = os.path.realpath(path)
+    blob = os.path.basename(real)
+    if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) and os.sep + "blobs" + os.sep in real:
+        return blob
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 23), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def params_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes): identifies random-weight models."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def combined_fingerprint(weights_id: str, model_cfg: Any, impl: str) -> str:
+    """Weights alone do not fix the features (e.g. QuickGELU vs GELU with the same file): hash both."""
+    payload = json.dumps({"weights": weights_id, "model_cfg": model_cfg, "impl": impl}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()

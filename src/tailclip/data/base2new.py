@@ -1,0 +1,112 @@
+"""Base-to-new generalisation (CoCoOp's protocol; Candle's imbalanced variant) on top of any dataset.
+
+Base = the first ⌈C/2⌉ labels, new = the rest. The task keeps all C class names; train and val hold base
+classes only; test holds everything, with `test_base` / `test_new` subsets, and meta "label_spaces" tells an
+evaluator to score base images among base names only and new images among new names only (the same
+conventions as the synthetic `synth-b2n` tasks).
+
+* balanced (`<dataset>-b2n`): K = data.shots (default 16) images per base class, val = min(K, 4) per base class.
+* imbalanced (`<dataset>-b2n-lt`, Candle): base classes ranked by available training images (then label) get
+  n_i = max(int(100 · r^(i/(C_b−1))), 1), r = 1/data.imbalance_ratio (default 10; ImageNet 100), capped by
+  data.shots when set; val = 4 per base class. Images are the first n_i of each class's seeded order, so the
+  draws of different ratios are nested. data.seed picks the images (seeds 1/2/3 in the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import Task
+from .coop import SPECS
+from .fewshot import FEWSHOT_VAL_MAX, STREAM_TRAIN, STREAM_VAL, sample_k_shot, seeded_order
+from .registry import DATASETS, register_dataset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHOTS = 16
+LT_NMAX = 100  # Candle's per-class cap
+DEFAULT_RATIO = {"imagenet": 100.0}  # others: 10
+
+
+def base_new_classes(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base labels, new labels): base = the first ⌈C/2⌉."""
+    n_base = math.ceil(num_classes / 2)
+    return np.arange(n_base), np.arange(n_base, num_classes)
+
+
+def b2n_lt_counts(available: np.ndarray, ratio: float, n_max: int = LT_NMAX) -> np.ndarray:
+    """Per base class n_i = max(int(n_max · (1/ratio)^(rank/(C_b−1))), 1), ranked by available count then label."""
+    available = np.asarray(available, dtype=np.int64)
+    n_base = len(available)
+    ranking = np.lexsort((np.arange(n_base), -available))  # most images first, ties by label
+    counts = np.zeros(n_base, dtype=np.int64)
+    for rank, c in enumerate(ranking):
+        counts[c] = max(int(n_max * (1.0 / ratio) ** (rank / max(n_base - 1, 1))), 1)
+    return counts
+
+
+def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, dataset: str = "") -> Task:
+    """The base-to-new task of a full task (see module doc); `dataset` picks the default imbalance ratio."""
+    if "train" not in task.splits or "test" not in task.splits:
+        raise DataError(f"{task.name}: base-to-new needs train and test splits, it has {', '.join(task.splits)}")
+    base, new = base_new_classes(task.num_classes)
+    train, test = task.split("train"), task.split("test")
+    meta: dict = {"base_classes": base.tolist(), "new_classes": new.tolist(), "b2n_seed": cfg.seed}
+    if imbalanced:
+        ratio = float(cfg.imbalance_ratio or DEFAULT_RATIO.get(dataset, 10.0))
+        available = np.bincount(train.labels, minlength=task.num_classes)[base]
+        counts = b2n_lt_counts(available, ratio)
+        if cfg.shots is not None:
+            counts = np.minimum(counts, cfg.shots)
+        picked = [seeded_order(np.flatnonzero(train.labels == c), cfg.seed, int(c), STREAM_TRAIN)[:n]
+                  for c, n in zip(base, counts)]  # fmt: skip
+        train_idx = np.sort(np.concatenate(picked))
+        k_val = FEWSHOT_VAL_MAX
+        meta.update(imbalance_ratio=ratio, n_max=LT_NMAX, counts=counts.tolist())
+    else:
+        k = int(cfg.shots or DEFAULT_SHOTS)
+        base_idx = np.flatnonzero(train.labels < len(base))
+        train_idx = base_idx[sample_k_shot(train.labels[base_idx], k, cfg.seed, stream=STREAM_TRAIN)]
+        k_val = min(k, FEWSHOT_VAL_MAX)
+        meta.update(shots=k)
+    splits = {"train": train.subset(train_idx)}
+    drawn = {"train": train_idx.tolist()}
+    if "val" in task.splits:
+        val = task.split("val")
+        val_base = np.flatnonzero(val.labels < len(base))
+        val_idx = val_base[sample_k_shot(val.labels[val_base], k_val, cfg.seed, stream=STREAM_VAL)]
+        splits["val"] = val.subset(val_idx)
+        drawn["val"] = val_idx.tolist()
+    splits["test"] = test
+    splits["test_base"] = test.subset(np.flatnonzero(test.labels < len(base)))
+    splits["test_new"] = test.subset(np.flatnonzero(test.labels >= len(base)))
+    spaces = {"train": base.tolist(), "val": base.tolist(), "test_base": base.tolist(), "test_new": new.tolist()}
+    meta.update(label_spaces=spaces, shot_indices=drawn)
+    log.info(
+        "%s: base-to-new, %d base / %d new classes, %d train images", task.name, len(base), len(new), len(train_idx)
+    )
+    return dataclasses.replace(task, splits=splits, meta={**task.meta, **meta}, group_counts=None)
+
+
+def _register(dataset: str, imbalanced: bool) -> None:
+    name = f"{dataset}-b2n-lt" if imbalanced else f"{dataset}-b2n"
+
+    def build(cfg: DataConfig) -> Task:
+        full = DATASETS.get(dataset)(dataclasses.replace(cfg, name=dataset, shots=None))
+        return make_base_to_new(dataclasses.replace(full, name=name), cfg, imbalanced, dataset)
+
+    kind = "imbalanced (Candle, IR = data.imbalance_ratio)" if imbalanced else "balanced (K = data.shots, default 16)"
+    build.__name__ = f"build_{name.replace('-', '_')}"
+    build.__doc__ = f"{dataset}, {kind} base-to-new: base = first half of the classes, new = the rest."
+    register_dataset(name)(build)
+
+
+for _dataset in ["imagenet"] + [s.name for s in SPECS] + ["fgvc_aircraft"]:
+    _register(_dataset, imbalanced=False)
+    _register(_dataset, imbalanced=True)

@@ -1,0 +1,98 @@
+"""Few-shot grid runner: one run per (shots, seed), then mean ± std over seeds for each shot count.
+
+`tailclip train --shots 1,2,4,8,16 --seeds 1,2,3 ...` lands here. The grid folder holds one run folder per
+cell (`k{shots}-s{seed}`, each a normal run folder with its own results.json and drawn indices), plus
+`grid.json` (every cell's numbers and the per-shot aggregates) and `grid.md` (the table). The std is the
+population std over seeds (numpy's default, as CoOp's `parse_test_res.py` reports it). A cell whose
+results.json already exists is reused, so an interrupted grid continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from .runs import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+METRICS = ("top1", "many", "medium", "few", "ece", "nll")
+
+
+def cell_name(shots: int, seed: int) -> str:
+    return f"k{shots}-s{seed}"
+
+
+def _stats(values: list[float | None]) -> dict[str, Any] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    arr = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size), "values": vals}
+
+
+def aggregate(cells: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, Any]]:
+    """{shots: {metric: {mean, std, n, values}}} over the seeds of each shot count."""
+    out: dict[str, dict[str, Any]] = {}
+    for shots in sorted({c["shots"] for c in cells}):
+        rows = [c for c in cells if c["shots"] == shots]
+        out[str(shots)] = {m: s for m in metrics if (s := _stats([r["results"].get(m) for r in rows])) is not None}
+    return out
+
+
+def format_grid(summary: dict[str, dict[str, Any]], title: str, metrics: Sequence[str] = ("top1", "many", "medium",
+                                                                                          "few")) -> str:
+    """Markdown table: one row per shot count, `mean ± std` per metric (percent, NLL in nats)."""
+    used = [m for m in metrics if any(m in row for row in summary.values())]
+    lines = [f"# {title}", "", "| shots | seeds | " + " | ".join(used) + " |",
+             "|---:|---:|" + "---:|" * len(used)]
+    for shots, row in summary.items():
+        n = max((s["n"] for s in row.values()), default=0)
+        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}" if m in row else "n/a" for m in used]
+        lines.append(f"| {shots} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
+             run_fn: Callable[[RunConfig], Path] | None = None) -> Path:
+    """Run every (shots, seed) cell with data.shots / data.seed set; returns the grid folder."""
+    if run_fn is None:
+        from ..api import run as run_fn  # noqa: PLW0127 (default runner)
+    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
+    if not shots or not seeds:
+        raise ValueError("a grid needs at least one shot count and one seed")
+    name = cfg.run_name or f"grid-{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    grid_dir = Path(cfg.output_dir) / name
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    cells: list[dict[str, Any]] = []
+    for k in shots:
+        for seed in seeds:
+            cell_cfg = copy.deepcopy(cfg)
+            cell_cfg.data.shots = k
+            cell_cfg.data.seed = seed
+            cell_cfg.output_dir = str(grid_dir)
+            cell_cfg.run_name = cell_name(k, seed)
+            path = grid_dir / cell_cfg.run_name
+            if (path / "results.json").is_file():
+                log.info("grid cell %s already done; reusing it", path.name)
+            else:
+                log.info("grid cell shots=%d seed=%d", k, seed)
+                path = Path(run_fn(cell_cfg))
+            results = json.loads((path / "results.json").read_text())
+            cells.append({"shots": k, "seed": seed, "run_dir": str(path),
+                          "results": {m: results.get(m) for m in METRICS}})
+    summary = aggregate(cells)
+    title = f"{cfg.method} on {cfg.data.name} ({cfg.model.name}): mean ± std over seeds {', '.join(map(str, seeds))}"
+    write_json(grid_dir / "grid.json", {"method": cfg.method, "dataset": cfg.data.name, "model": cfg.model.name,
+                                        "shots": shots, "seeds": seeds, "std": "population (ddof=0)",
+                                        "summary": summary, "cells": cells})
+    atomic_write_text(grid_dir / "grid.md", format_grid(summary, title))
+    return grid_dir

@@ -1,0 +1,229 @@
+"""Linear probe on frozen, cached CLIP features.
+
+`head: logreg` (default) is CLIP's / CoOp's linear-probe protocol: multinomial logistic regression on
+L2-normalised image features, L2 strength chosen on the validation split (coarse grid over C in 1e-6..1e6,
+then a log-space binary search around the best, as CoOp's `lpclip`), solved with full-batch L-BFGS in
+float64 (no sklearn). `head: linear | cosine` trains tailclip's heads (text-initialised) on the cached
+features with the run's optimizer settings and a CE / LA / balanced-softmax loss: seconds instead of hours,
+because the backbone never runs during training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone
+from ..config import check_choice
+from ..data.base import Task
+from ..errors import ConfigError
+from ..features import method_features
+from .base import FitContext, Method, Output, Predictions, register_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinearProbeConfig:
+    head: str = "logreg"  # logreg | linear | cosine
+    feature: str = "proj"  # proj (joint space, CoOp's probe) | pre_proj (before CLIP's projection)
+    normalize: bool = True  # L2-normalise features before the classifier
+    C: Optional[float] = None  # fixed inverse L2 strength (skips the validation search)
+    c_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6])
+    search_steps: int = 8  # log-space binary-search refinements around the best grid value
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    refit_on_train_val: bool = False  # after choosing C, refit on train + val (CLIP's final fit)
+    # head = linear | cosine (gradient training on cached features; optimiser settings come from cfg.train)
+    loss: str = "ce"  # ce | la | bs (tailclip.losses)
+    cosine_scale: float = 25.0
+    text_init: bool = True
+    feature_cache: Optional[str] = None  # feature cache folder (default: $TAILCLIP_CACHE or ~/.cache/tailclip)
+
+    def __post_init__(self) -> None:
+        check_choice("linear_probe.head", self.head, ("logreg", "linear", "cosine"))
+        check_choice("linear_probe.feature", self.feature, ("proj", "pre_proj"))
+        check_choice("linear_probe.loss", self.loss, ("ce", "la", "bs"))
+        if self.C is not None and self.C <= 0:
+            raise ConfigError(f"linear_probe.C={self.C} must be > 0")
+
+
+def _prep(x: Tensor, normalize: bool) -> Tensor:
+    return F.normalize(x.float(), dim=-1) if normalize else x.float()
+
+
+def fit_logreg(x: Tensor, y: Tensor, num_classes: int, C: float, max_iter: int = 1000,
+               init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression with sklearn's objective C * sum CE + ||W||^2 / 2 (bias unpenalised),
+    divided by C*N for conditioning. Returns (W (C, D), b (C,)) in float32."""
+    xd = x.double()
+    n, d = xd.shape
+    w = torch.zeros(num_classes, d, dtype=torch.float64) if init is None else init[0].double().clone()
+    b = torch.zeros(num_classes, dtype=torch.float64) if init is None else init[1].double().clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    lam = 1.0 / (C * n)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-8,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xd @ w.t() + b, y) + 0.5 * lam * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def _accuracy(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> float:
+    return float((x @ w.t() + b).argmax(dim=1).eq(y).float().mean())
+
+
+def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int, grid: list[float],
+             steps: int, max_iter: int) -> tuple[float, list[dict[str, float]]]:
+    """CoOp/CLIP-style search: best C of a coarse log grid, then `steps` bisections in log10 space between its
+    neighbours (keep the better side). Ties go to the stronger regularisation (smaller C)."""
+    trace: list[dict[str, float]] = []
+    cache: dict[float, float] = {}
+
+    def score(c: float) -> float:
+        if c not in cache:
+            w, b = fit_logreg(x_tr, y_tr, num_classes, c, max_iter)
+            cache[c] = _accuracy(w, b, x_val, y_val)
+            trace.append({"C": c, "val_acc": 100.0 * cache[c]})
+        return cache[c]
+
+    grid = sorted(grid)
+    accs = [score(c) for c in grid]
+    best = max(range(len(grid)), key=lambda i: (accs[i], -i))
+    c_best, acc_best = grid[best], accs[best]
+    lo = math.log10(grid[max(best - 1, 0)])
+    hi = math.log10(grid[min(best + 1, len(grid) - 1)])
+    for _ in range(steps):
+        left, right = 10 ** ((lo + math.log10(c_best)) / 2), 10 ** ((hi + math.log10(c_best)) / 2)
+        a_l, a_r = score(left), score(right)
+        if max(a_l, a_r) > acc_best:
+            if a_l >= a_r:
+                hi, c_best, acc_best = math.log10(c_best), left, a_l
+            else:
+                lo, c_best, acc_best = math.log10(c_best), right, a_r
+        else:  # the peak is between the two probes: shrink both sides
+            lo, hi = math.log10(left), math.log10(right)
+    return c_best, trace
+
+
+@register_method("linear_probe")
+class LinearProbe(Method):
+    """Logistic regression (C chosen on val) or a cosine/linear head, trained on cached frozen features."""
+
+    Config = LinearProbeConfig
+    inputs = "features"
+
+    def __init__(self, cfg: LinearProbeConfig, backbone: Backbone, task: Task) -> None:
+        super().__init__(cfg, backbone, task)
+        dim = backbone.embed_dim if cfg.feature == "proj" else backbone.width
+        self.task_templates = list(task.templates)
+        self.classnames = list(task.classnames)
+        if cfg.head == "logreg":
+            self.head: nn.Module = nn.Linear(dim, task.num_classes)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            from ..heads import build_head, text_init_weights
+
+            init = text_init_weights(backbone, task.classnames, task.templates, space=cfg.feature) if cfg.text_init else None
+            self.head = build_head(cfg.head, dim, task.num_classes, init, scale=cfg.cosine_scale)
+        self._info: dict[str, Any] = {}
+
+    def classify(self, feats: Tensor) -> Tensor:
+        return self.head(_prep(feats, self.cfg.normalize))
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
+        out = self.backbone.encode_image(images)
+        logits = self.classify(out.proj if self.cfg.feature == "proj" else out.pre_proj)
+        return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+
+    def _xy(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor]:
+        fs = method_features(self, ctx, split)
+        return _prep(fs.get(self.cfg.feature), self.cfg.normalize), fs.labels
+
+    def fit(self, ctx: FitContext) -> None:
+        x_tr, y_tr = self._xy(ctx, "train")
+        if self.cfg.head == "logreg":
+            self._fit_logreg(ctx, x_tr, y_tr)
+        else:
+            self._fit_head(ctx, x_tr, y_tr)
+
+    def _fit_logreg(self, ctx: FitContext, x_tr: Tensor, y_tr: Tensor) -> None:
+        cfg = self.cfg
+        has_val = "val" in ctx.task.splits
+        if cfg.C is not None:
+            c, trace, chosen_on = cfg.C, [], "fixed"
+        elif has_val:
+            x_val, y_val = self._xy(ctx, "val")
+            c, trace = search_C(x_tr, y_tr, x_val, y_val, self.num_classes, list(cfg.c_grid), cfg.search_steps,
+                                cfg.max_iter)
+            chosen_on = "val"
+        else:
+            c, trace, chosen_on = 0.316, [], "default (no val split)"
+            log.warning("dataset %s has no val split: using C=%g without a search", ctx.task.name, c)
+        if cfg.refit_on_train_val and has_val:
+            x_val, y_val = self._xy(ctx, "val")
+            x_tr, y_tr = torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])
+        w, b = fit_logreg(x_tr, y_tr, self.num_classes, c, cfg.max_iter)
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.copy_(b)
+        log.info("linear probe: C=%g (chosen on %s), train acc %.2f%%", c, chosen_on,
+                 100 * _accuracy(w, b, x_tr, y_tr))
+        self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace}
+
+    def _fit_head(self, ctx: FitContext, x_tr: Tensor, y_tr: Tensor) -> None:
+        """Mini-batch training of a cosine/linear head on cached features (cfg.train: optimizer, lr, epochs...)."""
+        from ..losses import build_loss
+
+        tc = ctx.cfg.train
+        loss_fn = build_loss(self.cfg.loss, ctx.task.class_counts).to(ctx.device)
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        if tc.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum,
+                                                         weight_decay=tc.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=tc.lr, eps=tc.eps, weight_decay=tc.weight_decay)
+        steps_per_epoch = math.ceil(len(y_tr) / tc.batch_size)
+        total = tc.epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) if tc.scheduler == "cosine" else (lambda s: 1.0)
+        )
+        gen = torch.Generator().manual_seed(tc.seed)
+        x_tr, y_tr = x_tr.to(ctx.device), y_tr.to(ctx.device)
+        self.head.train()
+        for epoch in range(tc.epochs):
+            perm = torch.randperm(len(y_tr), generator=gen).to(ctx.device)
+            total_loss = 0.0
+            for i in range(0, len(perm), tc.batch_size):
+                idx = perm[i : i + tc.batch_size]
+                loss = loss_fn(self.head(x_tr[idx]), y_tr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += float(loss) * len(idx)
+            log.info("head epoch %d/%d loss %.4f", epoch + 1, tc.epochs, total_loss / len(y_tr))
+        self.head.eval()
+        self._info = {"head": self.cfg.head, "loss": self.cfg.loss, "epochs": tc.epochs}
+
+    @torch.no_grad()
+    def predict(self, ctx: FitContext, split: str) -> Predictions:
+        fs = method_features(self, ctx, split)
+        logits = self.classify(fs.get(self.cfg.feature).to(ctx.device)).float().cpu()
+        return Predictions(logits, fs.labels, fs.indices, list(fs.skipped))
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"linear_probe": {"head": self.cfg.head, "feature": self.cfg.feature, **self._info}}

@@ -1,0 +1,98 @@
+"""Label-prior estimation on the simplex (GLA): q = argmin_q CE(z/T - log q, y) on labelled balanced data.
+
+We parametrise q = softmax(theta) and note that log q = theta - logsumexp(theta) shifts every logit of a
+sample by the same constant, so the objective is CE(z/T - theta, y): convex in theta, solved with L-BFGS
+from the uniform start theta = 0. Classes without a labelled sample carry no information (their theta
+would run off to +inf); they get the mean theta of the others, i.e. an average prior mass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def estimate_prior(logits: Tensor, labels: Tensor, temperature: float = 1.0, max_iter: int = 500,
+                   reg: float = 0.0) -> Tensor:
+    """(C,) float64 distribution q. `reg` (default 0) adds reg * ||theta - mean theta||^2, a pull towards
+    uniform for very small labelled sets."""
+    z = logits.double() / float(temperature)
+    y = labels.long()
+    num_classes = z.shape[1]
+    present = torch.bincount(y, minlength=num_classes) > 0
+    if not bool(present.all()):
+        log.warning("%d classes have no labelled sample; they get an average prior", int((~present).sum()))
+    theta_p = torch.zeros(int(present.sum()), dtype=torch.float64, requires_grad=True)
+
+    def full(theta_present: Tensor) -> Tensor:
+        theta = theta_present.mean().expand(num_classes).clone()
+        theta[present] = theta_present
+        return theta
+
+    opt = torch.optim.LBFGS([theta_p], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        theta = full(theta_p)
+        loss = torch.nn.functional.cross_entropy(z - theta, y)
+        if reg > 0:
+            loss = loss + reg * (theta_p - theta_p.mean()).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        q = full(theta_p).softmax(dim=0)
+    return q.detach()
+
+
+def prior_nll(logits: Tensor, labels: Tensor, temperature: float, prior: Tensor | None) -> float:
+    """CE(z/T - log q, y) (q=None: uniform), to report how much the estimated prior explains."""
+    z = logits.double() / temperature
+    if prior is not None:
+        z = z - prior.double().clamp_min(1e-300).log()
+    return float(torch.nn.functional.cross_entropy(z, labels.long()))
+
+
+def save_prior(run_dir: Path, prior: Tensor, classnames: Sequence[str], info: dict[str, Any] | None = None,
+               plot: bool = True) -> list[Path]:
+    """Write prior.json (and prior.png, q against class index, when matplotlib is installed)."""
+    from ..engine.runs import write_json
+
+    run_dir = Path(run_dir)
+    q = [float(v) for v in prior.tolist()]
+    entropy = -sum(v * math.log(v) for v in q if v > 0)
+    data = {"prior": q, "classnames": list(classnames), "entropy": entropy,
+            "max_over_min": max(q) / max(min(q), 1e-300), **(info or {})}
+    paths = [run_dir / "prior.json"]
+    write_json(paths[0], data)
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            log.info("matplotlib not installed; prior.png not written")
+            return paths
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.bar(range(len(q)), q, width=1.0, color="#4477aa")
+        ax.axhline(1.0 / len(q), color="#cc3311", linestyle="--", linewidth=1, label="uniform")
+        ax.set_xlabel("class index")
+        ax.set_ylabel("estimated prior q")
+        ax.set_title("GLA label prior of the pretrained model")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        fig.savefig(run_dir / "prior.png", dpi=100)
+        plt.close(fig)
+        paths.append(run_dir / "prior.png")
+    return paths

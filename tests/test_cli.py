@@ -1,0 +1,95 @@
+"""End-to-end CLI runs on the tiny model and a generated image folder: list, eval, report, error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from tailclip.cli import app
+
+runner = CliRunner()
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 32) -> Path:
+    """One sub-folder per class of solid-colour PNGs with noise (learnable, deterministic)."""
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (200, 200, 30)]
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(colours[c])[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255)
+            Image.fromarray(arr.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "imgs")
+
+
+def test_list_commands() -> None:
+    res = runner.invoke(app, ["list", "datasets"])
+    assert res.exit_code == 0, res.output
+    for name in ("cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "caltech101", "image-folder", "csv"):
+        assert name in res.output
+    res = runner.invoke(app, ["list", "methods"])
+    assert res.exit_code == 0 and "zeroshot" in res.output
+    res = runner.invoke(app, ["list", "models"])
+    assert res.exit_code == 0 and "ViT-B-16@openai" in res.output
+    res = runner.invoke(app, ["list", "templates"])
+    assert res.exit_code == 0 and "imagenet80" in res.output
+    res = runner.invoke(app, ["list", "nothing"])
+    assert res.exit_code == 2 and "datasets, models, methods, templates" in res.output
+
+
+def test_eval_zeroshot_writes_run_folder(folder: Path, tiny_vit_json: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    res = runner.invoke(
+        app,
+        ["eval", "--method", "zeroshot", "--dataset", "image-folder", "--root", str(folder),
+         "--model", f"json:{tiny_vit_json}", "--output-dir", str(out), "--name", "zs"],
+    )
+    assert res.exit_code == 0, res.output
+    run = out / "zs"
+    assert {"config.yaml", "log.txt", "results.json", "logits_test.safetensors"} <= {p.name for p in run.iterdir()}
+    results = json.loads((run / "results.json").read_text())
+    test = results["splits"]["test"]
+    assert test["num_samples"] == 6  # ceil(20 %) of 6 images for each of 3 classes
+    assert len(test["per_class_top1"]) == 3 and 0.0 <= results["top1"] <= 100.0
+    assert results["preprocess"]["image_size"] == 32
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["name"] == "image-folder" and cfg["method"] == "zeroshot"
+    assert "top1" in res.output and "many" in res.output
+    rep = runner.invoke(app, ["report", str(run)])
+    assert rep.exit_code == 0 and "zs" in rep.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["eval", "--dataset", "no-such-set"], "unknown dataset 'no-such-set'"),
+        (["eval", "--dataset", "image-folder", "--root", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["eval", "train.optimizer=rmsprop"], "sgd, adamw"),
+        (["eval", "--model", "json:/nonexistent/model.json"], "/nonexistent/model.json"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args: list[str], needle: str, tmp_path: Path, tiny_vit_json: Path) -> None:
+    model = [] if "--model" in args else ["--model", f"json:{tiny_vit_json}"]
+    res = runner.invoke(app, [*args, *model, "--output-dir", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_verify_data_names_bad_files(folder: Path) -> None:
+    (folder / "class_0" / "broken.png").write_bytes(b"not a png at all")
+    res = runner.invoke(app, ["verify-data", "image-folder", "--root", str(folder)])
+    assert res.exit_code == 1
+    assert "broken.png" in res.output
