@@ -1,15 +1,15 @@
 """Forward speed of tailclip's ViT tower vs open_clip's `encode_image` on a random-weight ViT-B-16.
 
-CPU, batch 8, 224 px, fp32 and bf16 autocast; images/s is the median of several timed runs after warm-up.
+CPU, batch 8, 224 px, fp32 and bf16 autocast; images/s from the median of several interleaved timed runs
+after warm-up, and the max abs difference of the projected features.
 Prints one JSON line. Timings on a shared machine are noisy: compare the two numbers of one run.
 
-    python benchmarks/vit_forward.py [--arch ViT-B-16] [--batch 8] [--runs 7] [--threads N]
+    python benchmarks/vit_forward.py [--arch ViT-B-16] [--batch 8] [--runs 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -20,23 +20,27 @@ import torch
 from tailclip.backbones import create_backbone
 
 
-def _time(fn: Callable[[], torch.Tensor], runs: int, warmup: int) -> float:
+def _time_pair(fns: dict[str, Callable[[], torch.Tensor]], runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so load drifting on a shared machine
+    hits all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -51,27 +55,19 @@ def main() -> None:
         "torch": torch.__version__,
     }
     for precision in ("fp32", "bf16"):
-        def ctx() -> contextlib.AbstractContextManager:
-            if precision == "bf16":
-                return torch.autocast("cpu", dtype=torch.bfloat16)
-            return contextlib.nullcontext()
+        autocast = precision == "bf16"
 
-        def ours() -> torch.Tensor:
-            with torch.no_grad(), ctx():
+        def ours(autocast: bool = autocast) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return backbone.encode_image(images).proj
 
-        def theirs() -> torch.Tensor:
-            with torch.no_grad(), ctx():
+        def theirs(autocast: bool = autocast) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return backbone.model.encode_image(images)
 
         diff = (ours().float() - theirs().float()).abs().max().item()
-        # interleave the two so drifting load on a shared machine hits both alike
-        t_ours, t_theirs = [], []
-        for _ in range(2):
-            t_theirs.append(_time(theirs, args.runs, args.warmup))
-            t_ours.append(_time(ours, args.runs, args.warmup))
-        ips_ours = args.batch / min(t_ours)
-        ips_theirs = args.batch / min(t_theirs)
+        t = _time_pair({"open_clip": theirs, "tailclip": ours}, args.runs, args.warmup)
+        ips_ours, ips_theirs = args.batch / t["tailclip"], args.batch / t["open_clip"]
         result[precision] = {
             "tailclip_img_s": round(ips_ours, 2),
             "open_clip_img_s": round(ips_theirs, 2),

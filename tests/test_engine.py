@@ -66,6 +66,7 @@ def test_cosine_per_epoch_matches_torch_scheduler() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for epoch in range(10):
         assert learning_rate(cfg, epoch, 3, 7) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
         sched.step()
 
 

@@ -39,14 +39,14 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class CountingBackbone:
     """Wraps a backbone to count image-tower calls (a hit must not run the backbone)."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.calls = 0
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def encode_image(self, images: torch.Tensor):  # noqa: ANN201
+    def encode_image(self, images: torch.Tensor):
         self.calls += 1
         return self.inner.encode_image(images)
 
@@ -116,7 +116,7 @@ def test_shards_split_large_entries(tmp_path: Path) -> None:
     key = CacheKey("bb", "ds", "train", "fp", "eval")
     cache = FeatureCache(tmp_path, shard_rows=5)
 
-    def build():  # noqa: ANN202
+    def build():
         for start in range(0, 12, 4):
             idx = torch.arange(start, start + 4)
             yield {"proj": idx[:, None].float().repeat(1, 3), "pre_proj": idx[:, None].float().repeat(1, 2),
@@ -172,7 +172,7 @@ def register_color_dataset(name: str = "test-colors", num_classes: int = 4, per_
     if name not in DATASETS:
 
         @register_dataset(name)
-        def build(cfg):  # noqa: ANN001, ANN202
+        def build(cfg):
             """TEST in-memory colour classes."""
             task = color_task(num_classes, per_class, name=name)
             if cfg.shots is not None:

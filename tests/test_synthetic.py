@@ -16,6 +16,15 @@ from tailclip.synthetic import tasks as T
 from tailclip.synthetic.captions import make_captions
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared CPU: intra-op threads only add barrier waits (50x slower text encoding seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- generator
 def test_classes_are_shape_colour_combinations() -> None:
     assert len(G.CLASSNAMES) == 100 == len(set(G.CLASSNAMES))
@@ -90,6 +99,13 @@ def test_synth_lt_counts() -> None:
     assert not np.array_equal(_build("synth-lt", seed=2).meta["class_order"], order)
     # test images do not depend on the seed
     assert task.split("test").images.ident(0) == _build("synth-lt", seed=2).split("test").images.ident(0)
+
+
+def test_recorded_test_sample_is_the_task_test_split() -> None:
+    images, labels = T.balanced_test_images(7)
+    split = _build("synth-lt").split("test")
+    assert np.array_equal(labels, split.labels[:7])
+    assert all(np.array_equal(np.asarray(split.images.load(i)), images[i]) for i in range(7))
 
 
 def test_synth_fewshot_counts() -> None:

@@ -48,6 +48,27 @@ def save_predictions(path: Path, preds: Predictions) -> None:
     save_file({"logits": preds.logits.contiguous(), "labels": preds.labels, "indices": preds.indices}, str(path))
 
 
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def restrict_to_label_space(
+    task: Task, split: str, preds: Predictions, counts: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """Base-to-new protocol: base images are scored among base classes only, new among new only
+    (task.meta["label_spaces"][split] lists the split's classes); other splits pass through unchanged."""
+    space = task.meta.get("label_spaces", {}).get(split)
+    if space is None:
+        return preds.logits, preds.labels, counts
+    cols = torch.as_tensor(space, dtype=torch.long)
+    remap = torch.full((task.num_classes,), -1, dtype=torch.long)
+    remap[cols] = torch.arange(len(cols))
+    labels = remap[preds.labels]
+    if (labels < 0).any():
+        raise RuntimeError(f"split {split!r} holds labels outside its label space")
+    return preds.logits[:, cols], labels, None if counts is None else np.asarray(counts)[cols.numpy()]
+
+
 def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     """Predict every configured split, save its logits, and collect metrics into one results dict."""
     counts = group_counts(ctx.task)
@@ -70,13 +91,17 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
             continue
         preds = method.predict(ctx, split)
         save_predictions(ctx.run_dir / f"logits_{split}.safetensors", preds)
-        metrics = classification_metrics(preds.logits, preds.labels, counts)
+        logits, labels, split_counts = restrict_to_label_space(ctx.task, split, preds, counts)
+        metrics = classification_metrics(logits, labels, split_counts)
         metrics["skipped_images"] = preds.skipped
         results["splits"][split] = metrics
     main = results["splits"].get("test") or next(iter(results["splits"].values()), None)
     if main is not None:
         for key in ("top1", "many", "medium", "few", "ece", "nll"):
             results[key] = main.get(key)
+    if {"test_base", "test_new"} <= set(results["splits"]):
+        base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
+        results.update(base=base, new=new, hm=harmonic_mean(base, new))
     results.update(getattr(method, "extra_results", lambda: {})())
     return results
 
@@ -166,6 +191,7 @@ def param_report(method: Method) -> str:
 
 
 SUMMARY_KEYS = ("top1", "many", "medium", "few")
+B2N_KEYS = ("base", "new", "hm")
 
 
 def format_table(rows: list[tuple[str, dict[str, Any]]], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:

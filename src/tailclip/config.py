@@ -108,7 +108,7 @@ class EvalConfig:
         check_choice("eval.tte", self.tte, ("none", "five_crop", "ten_crop"))
         check_choice("eval.precision", self.precision, PRECISIONS)
         for split in self.splits:
-            check_choice("eval.splits", split, ("train", "val", "test"))
+            check_choice("eval.splits", split, ("train", "val", "test", "test_base", "test_new"))
 
 
 @dataclass

@@ -26,6 +26,29 @@ class DemoRow:
 # Rows run in order; a row may refer to an earlier row's folder as {out}/<run_name>.
 ROWS: list[DemoRow] = [
     DemoRow("zero-shot CLIP", "zeroshot", ["method=zeroshot"]),
+    # LIFT (issue 4): AdaptFormer + text-initialised cosine head, logit-adjusted vs plain CE (short schedule).
+    DemoRow("LIFT (AdaptFormer + LA loss)", "lift-la",
+            ["method=lift", "lift.loss=la", "train.epochs=4", "train.lr=0.02", "eval.splits=[val,test]"],
+            quick=["train.epochs=1"]),
+    DemoRow("LIFT with plain CE", "lift-ce",
+            ["method=lift", "lift.loss=ce", "train.epochs=4", "train.lr=0.02", "eval.splits=[val,test]"],
+            quick=["train.epochs=1"]),
+    # GLA (issue 5): debiased zero-shot, a linear probe on cached features, and their GLA ensemble.
+    DemoRow("GLA debiased zero-shot", "gla-debiased", ["method=gla"]),
+    DemoRow("linear probe (frozen features)", "linear-probe", ["method=linear_probe", "eval.splits=[val,test]"],
+            quick=["linear_probe.search_steps=2"]),
+    DemoRow("GLA ensemble (zero-shot + linear probe)", "gla-ensemble",
+            ["method=gla", "gla.mode=ensemble", "gla.finetuned_run={out}/linear-probe"]),
+    DemoRow("zero-shot CLIP [synth-fewshot 16-shot]", "fs-zeroshot",
+            ["method=zeroshot", "data.name=synth-fewshot", "data.shots=16"]),
+    DemoRow("GLA debiased zero-shot [synth-fewshot 16-shot]", "fs-gla-debiased",
+            ["method=gla", "data.name=synth-fewshot", "data.shots=16"]),
+    DemoRow("linear probe [synth-fewshot 16-shot]", "fs-linear-probe",
+            ["method=linear_probe", "data.name=synth-fewshot", "data.shots=16", "eval.splits=[val,test]"],
+            quick=["linear_probe.search_steps=2"]),
+    DemoRow("GLA ensemble [synth-fewshot 16-shot]", "fs-gla-ensemble",
+            ["method=gla", "data.name=synth-fewshot", "data.shots=16", "gla.mode=ensemble",
+             "gla.finetuned_run={out}/fs-linear-probe"]),
 ]
 
 

@@ -327,8 +327,8 @@ def _wrap(
     spec = {**spec, "preprocess": preprocess.to_dict()}
     spec.setdefault("model_cfg", model_cfg)
 
-    def fingerprint() -> str:
-        weights_id = file_sha256(weights) if weights is not None else "params:" + params_sha256(model)
+    def fingerprint(current: nn.Module) -> str:  # takes the module so a deep copy hashes its own weights
+        weights_id = file_sha256(weights) if weights is not None else "params:" + params_sha256(current)
         return combined_fingerprint(weights_id, model_cfg, "open_clip")
 
     return OpenClipBackbone(model, tokenizer, name, preprocess, spec, fingerprint)

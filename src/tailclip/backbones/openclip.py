@@ -45,12 +45,15 @@ class BlockView:
 def attention(qkv: Tensor, heads: int) -> Tensor:
     """Multi-head self-attention from a fused (B, N, 3d) q/k/v tensor.
 
-    q/k/v are made contiguous (one copy of the permuted tensor) before `scaled_dot_product_attention`:
-    CPU SDPA kernels fall back to slow paths on the strided views nn.MultiheadAttention hands them
-    (open_clip 3.3 under bf16 autocast)."""
+    On CPU in reduced precision (bf16/fp16 autocast) q/k/v are made contiguous (one copy of the permuted
+    tensor) before `scaled_dot_product_attention`: the CPU kernels are several times slower on the strided
+    views nn.MultiheadAttention hands them, which is open_clip 3.3's bf16 slowdown. In fp32 and on CUDA the
+    strided views (head_dim still unit-stride) are as fast, so the copy is skipped there (measured)."""
     b, n, three_d = qkv.shape
     d = three_d // 3
-    qkv = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).contiguous()  # (3, B, H, N, hd)
+    qkv = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+    if qkv.device.type == "cpu" and qkv.dtype != torch.float32:
+        qkv = qkv.contiguous()
     q, k, v = qkv.unbind(0)
     o = F.scaled_dot_product_attention(q, k, v)
     return o.transpose(1, 2).reshape(b, n, d)
@@ -166,7 +169,7 @@ class OpenClipBackbone(Backbone):
         name: str,
         preprocess: Preprocess,
         spec: dict[str, Any],
-        fingerprint: Callable[[], str],
+        fingerprint: Callable[[nn.Module], str],
     ) -> None:
         super().__init__()
         from open_clip.modified_resnet import ModifiedResNet
@@ -228,7 +231,7 @@ class OpenClipBackbone(Backbone):
     def fingerprint(self) -> str:  # type: ignore[override]
         """Computed on first use: hashing a large checkpoint should not slow down every model load."""
         if self._fingerprint is None:
-            self._fingerprint = self._fingerprint_fn()
+            self._fingerprint = self._fingerprint_fn(self.model)
         return self._fingerprint
 
     @property

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -178,7 +178,7 @@ class FeatureCache:
                         parts[k].append(t)
             except StaleCacheError:
                 raise
-            except Exception as exc:  # truncated / corrupt file
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated / corrupt file
                 raise StaleCacheError(f"unreadable shard {path}: {exc}") from None
             total += shard["rows"]
         if total != manifest["rows"]:

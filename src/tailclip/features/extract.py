@@ -47,8 +47,8 @@ def backbone_fingerprint(backbone: Backbone) -> str:
     fp = h.hexdigest()[:32]
     try:
         object.__setattr__(backbone, "_tailclip_fingerprint", fp)
-    except Exception:  # pragma: no cover - exotic modules
-        pass
+    except (AttributeError, TypeError):  # pragma: no cover - modules that refuse new attributes
+        log.debug("could not memoise the fingerprint on %s", type(backbone).__name__)
     return fp
 
 
@@ -147,6 +147,9 @@ def method_features(method: Any, ctx: Any, split: str, view: str = "eval") -> Fe
     """`split_features` with the run's settings (device, eval batch size/precision, workers, bad-image policy)
     and the method config's `feature_cache` folder, if any."""
     cfg: RunConfig = ctx.cfg
+    if cfg.eval.tte != "none" and split != "train" and not getattr(method, "_warned_tte", False):
+        log.warning("%s works from cached eval-view features: eval.tte=%s is not applied", cfg.method, cfg.eval.tte)
+        method._warned_tte = True
     return split_features(
         method.backbone, ctx.task, split, view=view, device=ctx.device, batch_size=cfg.eval.batch_size,
         precision=cfg.eval.precision, num_workers=cfg.data.num_workers, on_bad_image=cfg.data.on_bad_image,

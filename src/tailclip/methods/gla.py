@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,16 +58,16 @@ BALANCING_LOSSES = {"la", "bs", "logit_adjusted", "balanced_softmax", "cla", "co
 @dataclass
 class GLAConfig:
     mode: str = "debiased_zeroshot"  # debiased_zeroshot | ensemble
-    finetuned_run: Optional[str] = None  # run folder of the fine-tuned model (ensemble); may use {shots} {seed} {dataset}
+    finetuned_run: str | None = None  # run folder of the fine-tuned model (ensemble); may use {shots} {seed} {dataset}
     calibration_split: str = "val"  # labelled, class-balanced split the temperatures are calibrated on
     prior_data: str = "auto"  # auto (train+val when train is balanced, e.g. K-shot; else val) | val | train | train+val
     source_prior: str = "auto"  # auto | train | uniform: p_s of the fine-tuned model
     target_prior: str = "uniform"  # uniform | train (test labels distributed like train)
-    logit_scale: Optional[float] = None  # zero-shot logit scale (None: the model's own)
+    logit_scale: float | None = None  # zero-shot logit scale (None: the model's own)
     prior_max_iter: int = 500
     prior_reg: float = 0.0  # pull towards uniform (0: the plain GLA objective)
     plot: bool = True  # prior.png next to prior.json (needs matplotlib)
-    feature_cache: Optional[str] = None
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("gla.mode", self.mode, ("debiased_zeroshot", "ensemble"))
@@ -261,7 +261,7 @@ class GLA(Method):
 
 @dataclass
 class WiSEFTConfig:
-    finetuned_run: Optional[str] = None  # run folder with a checkpoint
+    finetuned_run: str | None = None  # run folder with a checkpoint
     alpha: float = 0.5  # 0: the method's zero-shot starting point, 1: the fine-tuned weights
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 from torchvision import transforms as T
@@ -33,9 +33,9 @@ TUNER_NAMES = ("adaptformer", "adapter", "lora", "vpt_deep", "vpt_shallow", "ful
 @dataclass
 class LIFTConfig:
     tuner: str = "adaptformer"  # one of TUNER_NAMES (LIFT's table rows)
-    bottleneck: Optional[int] = None  # r for adaptformer/adapter/lora; None: 2^max(0, floor(log2(C / 2L)))
+    bottleneck: int | None = None  # r for adaptformer/adapter/lora; None: 2^max(0, floor(log2(C / 2L)))
     vpt_length: int = 10  # prompt tokens (per block for vpt_deep)
-    lora_alpha: Optional[float] = None  # LoRA scaling alpha / r (None: alpha = r)
+    lora_alpha: float | None = None  # LoRA scaling alpha / r (None: alpha = r)
     head: str = "cosine"  # cosine | linear
     head_init: str = "text"  # text: "a photo of a {}." features mapped through proj^T; random
     head_templates: list[str] = field(default_factory=lambda: list(LIFT_TEMPLATES))
@@ -46,7 +46,7 @@ class LIFTConfig:
     crop: str = "rrc"  # rrc | square_schedule (LIFT+)
     crop_min_scale: float = 0.08  # rrc: lower scale bound; square_schedule: starting lower bound
     flip: bool = True
-    interpolation: Optional[str] = None  # None: the backbone's (bicubic for OpenAI CLIP)
+    interpolation: str | None = None  # None: the backbone's (bicubic for OpenAI CLIP)
 
     def __post_init__(self) -> None:
         check_choice("lift.tuner", self.tuner, TUNER_NAMES)

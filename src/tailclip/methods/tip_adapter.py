@@ -20,15 +20,15 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..errors import ConfigError
 from ..data.base import Task
+from ..errors import ConfigError
 from ..features import method_features
 from .base import FitContext, Method, Output, Predictions, register_method
 from .zeroshot import zeroshot_weights
@@ -44,7 +44,7 @@ class TipAdapterConfig:
     search: bool = True  # grid-search alpha/beta on the validation split
     search_scale: list[float] = field(default_factory=lambda: [7.0, 3.0])  # [beta max, alpha max]
     search_step: list[int] = field(default_factory=lambda: [200, 20])  # [beta points, alpha points]
-    logit_scale: Optional[float] = None  # None: the model's own (100 for OpenAI CLIP)
+    logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
     # Tip-Adapter-F only
     epochs: int = 20
     lr: float = 1e-3
@@ -52,7 +52,7 @@ class TipAdapterConfig:
     weight_decay: float = 0.01  # torch AdamW default, as in the released code
     batch_size: int = 256
     paper_protocol: bool = False  # select the best epoch on the TEST split, as the released script does
-    feature_cache: Optional[str] = None
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.search_scale) != 2 or len(self.search_step) != 2:
@@ -229,7 +229,7 @@ class TipAdapterF(TipAdapter):
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
             row: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss_sum / len(labels)}
             if select is not None:
                 with torch.no_grad():

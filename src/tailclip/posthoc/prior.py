@@ -8,16 +8,32 @@ would run off to +inf); they get the mean theta of the others, i.e. an average p
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def few_threads_for_small(numel: int, limit: int = 2_000_000) -> Iterator[None]:
+    """Full-batch L-BFGS on small problems runs thousands of tiny ops; OpenMP start-up per op then dominates
+    (badly so on a shared machine), so such problems run single-threaded. Large ones keep every thread."""
+    if numel >= limit or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def estimate_prior(logits: Tensor, labels: Tensor, temperature: float = 1.0, max_iter: int = 500,
@@ -49,7 +65,8 @@ def estimate_prior(logits: Tensor, labels: Tensor, temperature: float = 1.0, max
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with few_threads_for_small(z.numel()):
+        opt.step(closure)
     with torch.no_grad():
         q = full(theta_p).softmax(dim=0)
     return q.detach()

@@ -1,0 +1,56 @@
+"""Few-shot grid runner: every (shots, seed) cell runs with data.shots/data.seed set; mean ± std per shot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailclip.config import RunConfig, load_config
+from tailclip.engine.grid import run_grid
+
+
+def fake_run(cfg: RunConfig) -> Path:
+    """Writes a results.json whose top-1 is a known function of (shots, seed)."""
+    path = Path(cfg.output_dir) / cfg.run_name
+    path.mkdir(parents=True)
+    top1 = 50.0 + cfg.data.shots + cfg.data.seed  # seeds 1,2,3 -> mean +2, std sqrt(2/3)
+    (path / "results.json").write_text(json.dumps({"top1": top1, "many": None, "ece": 1.0 * cfg.data.seed}))
+    return path
+
+
+def test_mean_and_std_per_cell(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=g"])
+    out = run_grid(cfg, [1, 4], [1, 2, 3], run_fn=fake_run)
+    grid = json.loads((out / "grid.json").read_text())
+    assert sorted(c["run_dir"].split("/")[-1] for c in grid["cells"]) == sorted(
+        f"k{k}-s{s}" for k in (1, 4) for s in (1, 2, 3))
+    s1 = grid["summary"]["1"]["top1"]
+    assert s1["mean"] == pytest.approx(53.0) and s1["std"] == pytest.approx(np.std([52, 53, 54]))
+    assert grid["summary"]["4"]["top1"]["mean"] == pytest.approx(56.0)
+    assert "many" not in grid["summary"]["1"]  # no values -> left out, not reported as 0
+    md = (out / "grid.md").read_text()
+    assert "| 1 | 3 | 53.00 ± 0.82 |" in md and "| 4 | 3 | 56.00 ± 0.82 |" in md
+    # finished cells are reused when the grid is run again
+    calls: list[str] = []
+    run_grid(cfg, [1, 4], [1, 2, 3], run_fn=lambda c: calls.append(c.run_name) or fake_run(c))
+    assert calls == []
+
+
+def test_real_tiny_grid(tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_features import register_color_dataset
+
+    monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"model.name=json:{tiny_vit_json}", f"data.name={register_color_dataset()}",
+                             "method=linear_probe", "linear_probe.C=1.0", f"output_dir={tmp_path}", "run_name=g"])
+    out = run_grid(cfg, [1, 2], [1, 2])
+    grid = json.loads((out / "grid.json").read_text())
+    for cell in grid["cells"]:
+        res = json.loads((Path(cell["run_dir"]) / "results.json").read_text())
+        cfg_cell = (Path(cell["run_dir"]) / "config.yaml").read_text()
+        assert f"shots: {cell['shots']}" in cfg_cell and f"seed: {cell['seed']}" in cfg_cell
+        assert res["top1"] == cell["results"]["top1"]
+    tops = [c["results"]["top1"] for c in grid["cells"] if c["shots"] == 2]
+    assert grid["summary"]["2"]["top1"]["mean"] == pytest.approx(np.mean(tops))
