@@ -105,7 +105,7 @@ def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_class
             solutions[c] = (w, b)
             cache[c] = _accuracy(w, b, x_val, y_val)
             trace.append({"C": c, "val_acc": 100.0 * cache[c]})
-            log.info("C=%g: val top-1 %.2f%%", c, 100.0 * cache[c])
+            log.debug("C=%g: val top-1 %.2f%%", c, 100.0 * cache[c])
         return cache[c]
 
     grid = sorted(grid)
