@@ -9,13 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-GROUP_NAMES = ("many", "medium", "few")
-
-
-def group_of_classes(counts: np.ndarray, many: int = 100, few: int = 20) -> np.ndarray:
-    """0 many (> many), 1 medium (few..many), 2 few (< few) — the standard long-tail grouping."""
-    counts = np.asarray(counts)
-    return np.where(counts > many, 0, np.where(counts < few, 2, 1))
+from ..data.groups import GROUP_NAMES, many_medium_few
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
@@ -59,7 +53,7 @@ def classification_metrics(logits: Tensor, labels: Tensor, group_counts: np.ndar
         "test_counts": per_class_n.tolist(),
     }
     if group_counts is not None:
-        groups = torch.as_tensor(group_of_classes(group_counts))
+        groups = torch.as_tensor(many_medium_few(group_counts))
         sample_group = groups[labels]
         for gid, gname in enumerate(GROUP_NAMES):
             mask = sample_group == gid
