@@ -11,18 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .backbones import create_backbone
 from .config import RunConfig, load_config
 from .data.base import Task
 from .data.registry import build_task
-from .errors import TailclipError
+from .engine import distributed
 from .engine.checkpoint import load_checkpoint, save_checkpoint
 from .engine.evaluate import resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir
+from .errors import TailclipError
+from .io import atomic_save_tensors
 from .methods import FitContext, Method, Predictions, get_method
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
 
 
 def save_predictions(path: Path, preds: Predictions) -> None:
-    """Logits are kept with each run so post-hoc methods (GLA ensembles) can reuse them without the model."""
-    save_file({"logits": preds.logits.contiguous(), "labels": preds.labels, "indices": preds.indices}, str(path))
+    """Logits are kept with each run so post-hoc methods (GLA ensembles) can reuse them without the model.
+    Written by rank 0 only, through a temp file, so readers never see half a file."""
+    if not distributed.is_main_process():
+        return
+    atomic_save_tensors(path, {"logits": preds.logits, "labels": preds.labels, "indices": preds.indices})
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -102,7 +106,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
-    results.update(getattr(method, "extra_results", lambda: {})())
+    results.update(getattr(method, "extra_results", dict)())
     return results
 
 
@@ -110,6 +114,7 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
     """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
     trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting."""
     device = resolve_device(cfg.device)
+    distributed.init_distributed(device)
     run_dir = RunDir.for_config(cfg)
     with run_dir:
         run_dir.write_config(cfg)
@@ -160,7 +165,7 @@ def predict_files(run_dir: Path, paths: list[Path], topk: int = 5) -> list[dict[
     from .data.base import FileImages
     from .data.transforms import eval_transform
 
-    cfg, task, method, device = load_trained(Path(run_dir), [f"output_dir={Path(run_dir) / 'predict'}"])
+    _cfg, task, method, device = load_trained(Path(run_dir), [f"output_dir={Path(run_dir) / 'predict'}"])
     transform = eval_transform(method.backbone.preprocess)
     images = FileImages("", [str(p) for p in paths])
     method.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,14 +14,14 @@ from .errors import TailclipError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("tailclip")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset (configs/...)")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="method name (tailclip list methods)")]
-DatasetOpt = Annotated[Optional[str], typer.Option(help="dataset name (tailclip list datasets)")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="model name (tailclip list models)")]
-RootOpt = Annotated[Optional[str], typer.Option(help="dataset root folder")]
-OutOpt = Annotated[Optional[str], typer.Option("--output-dir", help="where run folders go")]
-NameOpt = Annotated[Optional[str], typer.Option("--name", help="run folder name")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides key=value, e.g. train.lr=0.02")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML preset (configs/...)")]
+MethodOpt = Annotated[str | None, typer.Option(help="method name (tailclip list methods)")]
+DatasetOpt = Annotated[str | None, typer.Option(help="dataset name (tailclip list datasets)")]
+ModelOpt = Annotated[str | None, typer.Option(help="model name (tailclip list models)")]
+RootOpt = Annotated[str | None, typer.Option(help="dataset root folder")]
+OutOpt = Annotated[str | None, typer.Option("--output-dir", help="where run folders go")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="run folder name")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="config overrides key=value, e.g. train.lr=0.02")]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -63,12 +63,12 @@ def _print_summary(run_dir: Path) -> None:
     typer.echo(f"run folder: {run_dir}")
 
 
-def _guard(fn):  # noqa: ANN001, ANN202
+def _guard(fn):
     """Turn user-facing errors into one clear line and exit code 2, instead of a stack trace."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TailclipError as exc:
@@ -89,9 +89,9 @@ def train(
     root: RootOpt = None,
     output_dir: OutOpt = None,
     name: NameOpt = None,
-    shots: Annotated[Optional[str], typer.Option(help="few-shot grid, e.g. 1,2,4,8,16")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="seeds of the grid, e.g. 1,2,3")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="auto, or a run folder to continue")] = None,
+    shots: Annotated[str | None, typer.Option(help="few-shot grid, e.g. 1,2,4,8,16")] = None,
+    seeds: Annotated[str | None, typer.Option(help="seeds of the grid, e.g. 1,2,3")] = None,
+    resume: Annotated[str | None, typer.Option(help="auto, or a run folder to continue")] = None,
     print_params: Annotated[bool, typer.Option("--print-params", help="print trainable parameters and exit")] = False,
 ) -> None:
     """Train a method (fine-tuning, adapters, post-hoc fitting) and evaluate it."""
@@ -131,7 +131,7 @@ def eval_(
     root: RootOpt = None,
     output_dir: OutOpt = None,
     name: NameOpt = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="a run folder written by tailclip train")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a run folder written by tailclip train")] = None,
 ) -> None:
     """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
     from .api import run, run_from_checkpoint

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -34,17 +34,17 @@ class ModelConfig:
     """Which CLIP to load (see `tailclip list models` for the accepted name forms)."""
 
     name: str = "synthetic:tiny-clip"
-    cache_dir: Optional[str] = None  # where open_clip / Hugging Face look for local weights
+    cache_dir: str | None = None  # where open_clip / Hugging Face look for local weights
 
 
 @dataclass
 class DataConfig:
     name: str = "synth-lt"
-    root: Optional[str] = None  # dataset folder; not needed by the built-in synthetic tasks
-    imbalance_ratio: Optional[float] = None  # beta for *-LT generators (None: the dataset's default)
-    shots: Optional[int] = None  # K-shot subsampling of the train split (None: full train split)
+    root: str | None = None  # dataset folder; not needed by the built-in synthetic tasks
+    imbalance_ratio: float | None = None  # beta for *-LT generators (None: the dataset's default)
+    shots: int | None = None  # K-shot subsampling of the train split (None: full train split)
     seed: int = 1  # seeds K-shot sampling and LT selection
-    templates: Optional[str] = None  # template set name (None: the dataset's default)
+    templates: str | None = None  # template set name (None: the dataset's default)
     num_workers: int = 0
     on_bad_image: str = "error"  # error: stop naming the file; skip: leave it out and record it in results
 
@@ -76,7 +76,7 @@ class TrainConfig:
     sched_unit: str = "epoch"  # epoch: LR changes once an epoch (LIFT); step: every optimizer step
     warmup_type: str = "constant"  # constant: hold warmup_lr (CoOp/Candle); linear: ramp warmup_lr -> lr
     min_lr: float = 0.0  # floor of the cosine
-    clip_grad_norm: Optional[float] = None  # max global grad norm (None: no clipping)
+    clip_grad_norm: float | None = None  # max global grad norm (None: no clipping)
     val_every: int = 1  # evaluate the val split (when the dataset has one) every N epochs; 0: never
     resume_every_steps: int = 0  # also write the resume state every N optimizer steps mid-epoch (0: off)
     resume_every_minutes: float = 10.0  # ... and whenever this much time passed since the last one (0: off)
@@ -121,9 +121,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: Optional[str] = None  # None | auto | path to a run folder
+    resume: str | None = None  # None | auto | path to a run folder
 
     def method_config(self) -> Any:
         """The method's typed options (a dataclass of the method's `Config`)."""

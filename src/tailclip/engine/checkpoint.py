@@ -10,20 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import config_to_dict
 from ..errors import TailclipError
+from ..io import atomic_save_tensors, atomic_write, atomic_write_text
 from . import distributed
-from .runs import atomic_write_text
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -37,26 +35,13 @@ RESUME = "resume.pt"
 RESUME_VERSION = 1
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """Call write(tmp_path) then rename onto `path` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(method: Method, ctx: FitContext) -> Path:
     """Atomically write the method's trainable state and its description into the run folder (rank 0 only)."""
     path = ctx.run_dir / WEIGHTS
     state = method.checkpoint_state()
     if not distributed.is_main_process():
         return path
-    _atomic(path, lambda tmp: save_file(state, tmp))
+    atomic_save_tensors(path, state)
     meta = {
         "method": ctx.cfg.method,
         "method_config": config_to_dict(ctx.cfg.method_config()) if ctx.cfg.method_config() is not None else None,
@@ -122,7 +107,7 @@ def save_resume_state(run_dir: Path, state: dict[str, Any]) -> Path:
     """Atomically write `resume.pt` (rank 0 only; every rank holds the same replicated state under DDP)."""
     path = Path(run_dir) / RESUME
     if distributed.is_main_process():
-        _atomic(path, lambda tmp: torch.save({"version": RESUME_VERSION, **state}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"version": RESUME_VERSION, **state}, tmp))
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
-from .runs import atomic_write_text, write_json
+from ..io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 

@@ -4,44 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..config import RunConfig, dump_config
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a killed process never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null instead of invalid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _clean(obj.tolist())
-    return obj
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(data), indent=2) + "\n")
+from ..io import write_json
+from . import distributed
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -58,10 +27,13 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> RunDir:
-        name = cfg.run_name or default_run_name(cfg)
+        """The run's folder; under torchrun every process gets rank 0's default name, so all share one folder."""
+        name = cfg.run_name or distributed.broadcast_object(default_run_name(cfg))
         return cls(Path(cfg.output_dir) / name)
 
-    def __enter__(self) -> RunDir:
+    def __enter__(self) -> Self:
+        if not distributed.is_main_process():  # only rank 0 writes files
+            return self
         self._handler = logging.FileHandler(self.path / "log.txt")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger("tailclip")
@@ -77,10 +49,12 @@ class RunDir:
             self._handler = None
 
     def write_config(self, cfg: RunConfig) -> None:
-        dump_config(cfg, self.path / "config.yaml")
+        if distributed.is_main_process():
+            dump_config(cfg, self.path / "config.yaml")
 
     def write_results(self, results: dict[str, Any]) -> None:
-        write_json(self.path / "results.json", results)
+        if distributed.is_main_process():
+            write_json(self.path / "results.json", results)
 
     def read_results(self) -> dict[str, Any]:
         return json.loads((self.path / "results.json").read_text())

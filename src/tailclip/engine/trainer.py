@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import LabeledImages, collate_skip_none
 from ..errors import ConfigError
+from ..io import atomic_write_text
 from . import distributed
 from .checkpoint import (
     find_resume_state,
@@ -45,7 +46,6 @@ from .checkpoint import (
     set_rng_state,
 )
 from .evaluate import autocast, autocast_dtype, predict_images
-from .runs import atomic_write_text
 from .schedule import learning_rate
 
 if TYPE_CHECKING:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from ..io import atomic_save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,30 +107,6 @@ class FeatureSet:
         if kind not in ("proj", "pre_proj"):
             raise ValueError(f"feature kind must be 'proj' or 'pre_proj', got {kind!r}")
         return self.proj if kind == "proj" else self.pre_proj
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StaleCacheError(Exception):
@@ -244,7 +220,7 @@ class FeatureCache:
                 return
             tensors = {k: torch.cat(v) for k, v in buffer.items()}
             name = f"shard-{build_id}-{len(shards):05d}.safetensors"
-            _atomic_save(tensors, folder / name, metadata={"key": key.digest()})
+            atomic_save_tensors(folder / name, tensors, metadata={"key": key.digest()})
             shards.append({"file": name, "rows": buffered})
             for v in buffer.values():
                 v.clear()
@@ -274,7 +250,7 @@ class FeatureCache:
             "build_id": build_id,
             "seconds": round(time.time() - start, 3),
         }
-        _atomic_write_json(folder / MANIFEST, manifest)
+        write_json(folder / MANIFEST, manifest)
         keep = {s["file"] for s in shards}
         for old in folder.glob("shard-*.safetensors"):  # shards of an older build (mmaps stay valid on POSIX)
             if old.name not in keep:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -15,7 +14,7 @@ from .base import Method, Output, register_method
 
 @dataclass
 class ZeroShotConfig:
-    logit_scale: Optional[float] = None  # None: the model's own (100 for OpenAI CLIP)
+    logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
 
 
 def zeroshot_weights(backbone: Backbone, task: Task) -> Tensor:

@@ -83,7 +83,7 @@ def prior_nll(logits: Tensor, labels: Tensor, temperature: float, prior: Tensor 
 def save_prior(run_dir: Path, prior: Tensor, classnames: Sequence[str], info: dict[str, Any] | None = None,
                plot: bool = True) -> list[Path]:
     """Write prior.json (and prior.png, q against class index, when matplotlib is installed)."""
-    from ..engine.runs import write_json
+    from ..io import write_json
 
     run_dir = Path(run_dir)
     q = [float(v) for v in prior.tolist()]
