@@ -43,6 +43,8 @@ ROWS: list[DemoRow] = [
             quick=["linear_probe.search_steps=2"]),
     DemoRow("GLA ensemble (zero-shot + linear probe)", "gla-ensemble",
             ["method=gla", "gla.mode=ensemble", "gla.finetuned_run={out}/linear-probe"]),
+    DemoRow("GLA ensemble (zero-shot + LIFT-LA)", "gla-ensemble-lift",
+            ["method=gla", "gla.mode=ensemble", "gla.finetuned_run={out}/lift-la"]),
     DemoRow("zero-shot CLIP [synth-fewshot 16-shot]", "fs-zeroshot",
             ["method=zeroshot", "data.name=synth-fewshot", "data.shots=16"]),
     DemoRow("GLA debiased zero-shot [synth-fewshot 16-shot]", "fs-gla-debiased",
