@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def group_counts(task: Task) -> np.ndarray | None:
-    """Counts that define many/medium/few: the task's own grouping counts, else its train counts."""
+    """Counts that define many/medium/few: the task's own grouping counts, else its train counts. K-shot tasks
+    have none: with K < 20 every class would be "few", which says nothing (few-shot papers report top-1 only)."""
+    if task.meta.get("shots") is not None:
+        return None
     if task.group_counts is not None:
         return task.group_counts
     return task.class_counts if "train" in task.splits else None

@@ -1,0 +1,34 @@
+"""Orchestrator rules: which counts define many/medium/few, and the base-to-new scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tailclip.api import group_counts, harmonic_mean, restrict_to_label_space
+from tailclip.data.base import ArrayImages, Split, Task
+from tailclip.methods import Predictions
+
+
+def _task(train_labels: list[int], meta: dict | None = None) -> Task:
+    imgs = ArrayImages(np.zeros((len(train_labels), 2, 2, 3), np.uint8), "x")
+    test = Split(ArrayImages(np.zeros((4, 2, 2, 3), np.uint8), "t"), [0, 1, 2, 3])
+    return Task("t", ["a", "b", "c", "d"], ["{}"], {"train": Split(imgs, train_labels), "test": test}, meta or {})
+
+
+def test_groups_from_train_counts_but_not_for_k_shot_tasks() -> None:
+    labels = [0] * 3 + [1] * 2 + [2] + [3]
+    assert group_counts(_task(labels)).tolist() == [3, 2, 1, 1]
+    assert group_counts(_task(labels, {"shots": 16})) is None
+
+
+def test_base_to_new_scores_each_half_in_its_own_label_space() -> None:
+    task = _task([0, 1], {"label_spaces": {"test_new": [2, 3]}})
+    # The image of class 2 is most similar to base class 0, but among new classes {2, 3} it is right.
+    logits = torch.tensor([[9.0, 0.0, 5.0, 1.0], [9.0, 0.0, 1.0, 5.0]])
+    preds = Predictions(logits, torch.tensor([2, 3]), torch.tensor([0, 1]))
+    sub, labels, counts = restrict_to_label_space(task, "test_new", preds, np.array([1, 1, 0, 0]))
+    assert sub.argmax(1).tolist() == labels.tolist() == [0, 1]
+    assert counts.tolist() == [0, 0]
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(68.5714, abs=1e-4)
