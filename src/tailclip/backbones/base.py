@@ -3,6 +3,7 @@ ensembles, and named hook points inside the vision tower where tuners plug in wi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class HookPoints:
         return any(self._hooks.values())
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """A frozen CLIP with our own vision-tower forward. Built by `tailclip.backbones.create_backbone`.
 
     Attributes a method may rely on:
@@ -107,20 +108,22 @@ class Backbone(nn.Module):
     hooks: HookPoints
     model: nn.Module
 
-    def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:
+        """Pre-projection and projected features plus the requested taps."""
 
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:  # pragma: no cover
+    @abstractmethod
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
         """(N, D) un-normalised text features."""
-        raise NotImplementedError
 
     def tap_names(self) -> list[str]:  # pragma: no cover
         """Names accepted by `encode_image(taps=...)`."""
         return []
 
     @property
-    def visual_proj(self) -> Tensor | None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def visual_proj(self) -> Tensor | None:
+        """(d, D) projection of the image tower (None where it is not a matrix, e.g. ResNet attention pooling)."""
 
     def forward(self, images: Tensor) -> Tensor:
         """Projected, un-normalised image features (so a Backbone can stand wherever an encoder module is used)."""

@@ -5,6 +5,7 @@ only ever calls these, so every registered method runs through the same CLI, run
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ class Predictions:
     skipped: list[str] = field(default_factory=list)
 
 
-class Method(nn.Module):
+class Method(nn.Module, ABC):
     """Base class. Subclasses set `name` via @register_method, `Config` (a dataclass or None) and `inputs`."""
 
     name: ClassVar[str] = ""
@@ -61,8 +62,9 @@ class Method(nn.Module):
         backbone.requires_grad_(False)
 
     # --- what methods implement -------------------------------------------------------------------
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
+        """Logits for a batch of images (and the training loss when labels are given)."""
 
     def fit(self, ctx: FitContext) -> None:
         """Train. Default: gradient training with the engine when the method has trainable parameters."""

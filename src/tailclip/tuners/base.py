@@ -8,6 +8,7 @@ fine-tuning, BitFit, LN tuning), (2) `attach(backbone)` registers callables at `
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -48,7 +49,7 @@ def vision_named_parameters(backbone: Backbone) -> Iterator[tuple[str, nn.Parame
         raise RuntimeError(f"cannot find the image tower of backbone {getattr(backbone, 'name', backbone)!r}")
 
 
-class Tuner(nn.Module):
+class Tuner(nn.Module, ABC):
     """Base class. Subclasses implement `_attach(backbone)` returning hook removers (and may unfreeze params)."""
 
     name: ClassVar[str] = ""
@@ -67,8 +68,9 @@ class Tuner(nn.Module):
         self._removers = list(self._attach(backbone))
         return self
 
-    def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:
+        """Register hooks / unfreeze parameters; return the functions that undo it."""
 
     def unfreeze(self, params: Iterator[nn.Parameter]) -> int:
         """Mark backbone parameters trainable and remember them, so detach() can freeze them again."""

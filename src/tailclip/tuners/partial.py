@@ -4,6 +4,7 @@ BitFit (biases), LN tuning; and `classifier`, which trains nothing inside the ba
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,9 @@ class _Unfreeze(Tuner):
         _unused(**{k: v for k, v in options.items() if k not in ("bottleneck", "num_classes")})
         return cls()
 
-    def select(self, name: str, param: nn.Parameter, backbone: Backbone) -> bool:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def select(self, name: str, param: nn.Parameter, backbone: Backbone) -> bool:
+        """Whether this backbone parameter trains."""
 
     def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:
         chosen = [p for n, p in vision_named_parameters(backbone) if self.select(n, p, backbone)]
