@@ -130,7 +130,7 @@ def build_csv(cfg: DataConfig) -> Task:
             classes = _read_classnames(names_file)
         else:
             classes = [f"class {i}" for i in range(int(labels.max()) + 1)]
-            log.warning("%s: integer labels and no %s; class names are placeholders", path, names_file)
+            log.warning("%s: integer labels and no %s; class names are generic ('class <i>'): zero-shot text is then meaningless", path, names_file)
         if len(classes) <= labels.max() or labels.min() < 0:
             raise DataError(
                 f"{path}: labels span [{labels.min()}, {labels.max()}] but {names_file} names {len(classes)} classes"

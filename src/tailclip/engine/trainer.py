@@ -101,7 +101,7 @@ class SeededItems(torch.utils.data.Dataset):
 @dataclass
 class MicroBatch:
     indices: np.ndarray  # positions in the train split to load on this rank
-    real: int  # how many of them count (0: a placeholder so every rank runs the same number of passes)
+    real: int  # how many of them count (0: an empty share that still runs, so every rank makes the same number of passes)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class StepPlan:
 
 def plan_epoch(order: np.ndarray, batch_size: int, grad_accum: int, rank: int, world: int) -> list[StepPlan]:
     """Split an epoch's order into global batches, each into this rank's share, each into micro-batches.
-    The last global batch may be partial (no image is dropped); empty shares become zero-weight placeholders."""
+    The last global batch may be partial (no image is dropped); empty shares become zero-weight passes."""
     steps = []
     for start in range(0, len(order), batch_size):
         gb = order[start : start + batch_size]
