@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ class Backbone(nn.Module, ABC):
     width: int
     embed_dim: int
     num_blocks: int
+    patch_size: int | None  # ViT patch size read from the model (None for ResNet towers)
     logit_scale: float
     hooks: HookPoints
     model: nn.Module
@@ -119,6 +120,11 @@ class Backbone(nn.Module, ABC):
     def tap_names(self) -> list[str]:  # pragma: no cover
         """Names accepted by `encode_image(taps=...)`."""
         return []
+
+    @abstractmethod
+    def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of the image tower's transformer blocks (ResNet: layer1..layer4) only: what LIFT's full,
+        BitFit and LN rows train. Patch embedding, ln_pre, ln_post, the projection and the text tower are out."""
 
     @property
     @abstractmethod

@@ -6,7 +6,7 @@ projections, so the fused (B, N, 3d) q/k/v the `qkv` hook sees is built by conca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class HFClipBackbone(Backbone):
         self.width = int(vcfg.hidden_size)
         self.embed_dim = int(model.config.projection_dim)
         self.num_blocks = int(vcfg.num_hidden_layers)
+        self.patch_size = int(vcfg.patch_size)
         self.logit_scale = float(model.logit_scale.detach().exp().item())
         self.hooks = HookPoints(self.num_blocks)
         self._tap_names = vit_tap_names(self.num_blocks)
@@ -103,6 +104,10 @@ class HFClipBackbone(Backbone):
 
     def tap_names(self) -> list[str]:
         return list(self._tap_names)
+
+    def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        layers = self.model.vision_model.encoder.layers
+        yield from (("model.vision_model.encoder.layers." + n, p) for n, p in layers.named_parameters())
 
     def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:
         wanted = check_taps(taps, self._tap_names) if taps else set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,7 @@ class OpenClipBackbone(Backbone):
             self.arch = "vit"
             self.width = int(visual.transformer.width)
             self.num_blocks = len(visual.transformer.resblocks)
+            self.patch_size = int(visual.conv1.kernel_size[0])
             reason = _unsupported_vit_reason(visual)
             if reason is None:
                 self._own_vit = True
@@ -206,6 +207,7 @@ class OpenClipBackbone(Backbone):
             self.arch = "resnet"
             self.width = int(visual.attnpool.c_proj.in_features)
             self.num_blocks = 4
+            self.patch_size = None
         else:
             warnings.warn(
                 f"{name}: vision tower {type(visual).__name__} is run by open_clip's forward "
@@ -215,6 +217,7 @@ class OpenClipBackbone(Backbone):
             self.arch = "other"
             self.width = self.embed_dim
             self.num_blocks = 0
+            self.patch_size = None
             self._fallback = True
         self.hooks = HookPoints(self.num_blocks if self.arch == "vit" and not self._fallback else 0)
         self._tap_names = (
@@ -256,6 +259,16 @@ class OpenClipBackbone(Backbone):
 
     def tap_names(self) -> list[str]:
         return list(self._tap_names)
+
+    def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        visual = self.model.visual
+        if self.arch == "vit":
+            yield from (("model.visual.transformer." + n, p) for n, p in visual.transformer.named_parameters())
+        elif self.arch == "resnet":
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                yield from ((f"model.visual.{stage}.{n}", p) for n, p in getattr(visual, stage).named_parameters())
+        else:
+            raise RuntimeError(f"{self.name}: this vision tower has no transformer blocks tailclip can address")
 
     # -- image tower ------------------------------------------------------------------------------
     def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:
