@@ -43,7 +43,7 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.data)  # first: data errors are cheaper to find than loading weights
     backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
-    method = get_method(cfg.method)(cfg.method_config(), backbone, task).to(device)
+    method = get_method(cfg.method)(cfg.method_config(), backbone, task.info()).to(device)
     return task, method
 
 
@@ -109,7 +109,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
-    results.update(getattr(method, "extra_results", dict)())
+    results.update(method.extra_results())
     return results
 
 
@@ -129,8 +129,8 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
                 "`tailclip train`, or evaluate a trained run with `tailclip eval --checkpoint RUN_DIR`"
             )
         log.info("method %s: %d trainable parameters", cfg.method, method.num_trainable())
+        method.fit(FitContext(cfg, task.guarded(), run_dir.path, device))
         ctx = FitContext(cfg, task, run_dir.path, device)
-        method.fit(ctx)
         if method.num_trainable() > 0:
             save_checkpoint(method, ctx)
         run_dir.write_results(evaluate(method, ctx))

@@ -3,6 +3,7 @@ that load as PIL images. Transforms are applied by `LabeledImages`, so one Task 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -122,6 +123,63 @@ class Split:
         return h.hexdigest()[:16]
 
 
+TEST_SPLITS = ("test", "test_base", "test_new")
+
+
+class TestSplitAccessError(RuntimeError):
+    """A method read a test split while fitting: every choice must be made on train/val data."""
+
+
+class GuardedSplits(dict):
+    """The splits of a task during `fit`: names stay visible (`"test" in splits`), but reading a test split
+    raises, so no method can select or calibrate on the data it is scored on by accident. A named paper
+    protocol that selects on test asks for it explicitly through `Task.unguarded()` and records it."""
+
+    def __init__(self, splits: dict[str, Split], forbidden: tuple[str, ...]) -> None:
+        super().__init__(splits)
+        self.forbidden = forbidden
+
+    def __getitem__(self, name: str) -> Split:
+        if name in self.forbidden:
+            raise TestSplitAccessError(
+                f"the {name!r} split was read during fit; methods choose on train/val only (a paper protocol that "
+                "selects on test must ask for it with task.unguarded() and record it in results.json)"
+            )
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[name] if name in self else default
+
+    def values(self):  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self):  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+
+@dataclass(eq=False)
+class TaskInfo:
+    """What a method may know about its task when it is built: names, templates, counts and the class
+    partition — never the images, so nothing about the test split can leak into a method's construction."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    class_counts: np.ndarray  # training images per class (0 for classes absent from train, e.g. new classes)
+    split_names: tuple[str, ...]
+    shots: int | None = None  # K of a K-shot task
+    base_classes: list[int] | None = None  # base-to-new: classes seen in training
+    new_classes: list[int] | None = None  # base-to-new: classes only scored at test
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.class_counts.sum())
+
+
 @dataclass
 class Task:
     """A dataset ready for any method: class names, prompt templates and the splits that exist."""
@@ -156,6 +214,30 @@ class Task:
         if name not in self.splits:
             raise DataError(f"{self.name} has no {name!r} split; it has: {', '.join(self.splits)}")
         return self.splits[name]
+
+    def info(self) -> TaskInfo:
+        """The typed summary methods are built from."""
+        counts = self.class_counts if "train" in self.splits else np.zeros(self.num_classes, dtype=np.int64)
+        base, new = self.meta.get("base_classes"), self.meta.get("new_classes")
+        return TaskInfo(
+            name=self.name, classnames=list(self.classnames), templates=list(self.templates),
+            class_counts=np.asarray(counts, dtype=np.int64), split_names=tuple(self.splits),
+            shots=self.meta.get("shots"), base_classes=None if base is None else [int(c) for c in base],
+            new_classes=None if new is None else [int(c) for c in new],
+        )
+
+    def guarded(self, forbidden: tuple[str, ...] = TEST_SPLITS) -> Task:
+        """A view of this task whose test splits cannot be read (what `fit` receives)."""
+        view = dataclasses.replace(self)
+        view.splits = GuardedSplits(dict(self.splits), forbidden)
+        return view
+
+    def unguarded(self) -> Task:
+        """The task with its test splits readable again: for named paper protocols that select on test only;
+        the caller records that choice in results.json."""
+        if not isinstance(self.splits, GuardedSplits):
+            return self
+        return dataclasses.replace(self, splits=dict(dict.items(self.splits)))
 
 
 class LabeledImages(torch.utils.data.Dataset):

@@ -137,12 +137,9 @@ class TrainSummary:
 
 
 def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters. A method may return its own groups from
-    `param_groups()` (dicts with "params" and an optional "lr_scale" applied on top of the schedule)."""
-    if hasattr(method, "param_groups"):
-        groups = [dict(g) for g in method.param_groups()]
-    else:
-        groups = [{"params": [p for _, p in method.trainable_parameters()]}]
+    """SGD or AdamW over the method's parameter groups (`Method.param_groups`: "params" and an optional
+    "lr_scale" applied on top of the schedule)."""
+    groups = [dict(g) for g in method.param_groups()]
     for g in groups:
         g.setdefault("lr_scale", 1.0)
         g["lr"] = cfg.lr * g["lr_scale"]
@@ -154,10 +151,11 @@ def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_train_transform(method: Method, epoch: int) -> Callable:
-    """The method's own train transform when it defines `train_transform(epoch)` (LIFT+ crop schedules),
-    else RandomResizedCrop + flip from the backbone's preprocessing."""
-    if hasattr(method, "train_transform"):
-        return method.train_transform(epoch)
+    """The method's own train transform for this epoch (LIFT+ crop schedules), else RandomResizedCrop + flip
+    from the backbone's preprocessing."""
+    own = method.train_transform(epoch)
+    if own is not None:
+        return own
     from ..data.transforms import train_transform
 
     return train_transform(method.backbone.preprocess)

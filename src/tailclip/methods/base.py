@@ -1,6 +1,10 @@
 """The method contract. A method is an nn.Module holding the (frozen) backbone plus its own parts; `fit`
 does whatever training it needs, `predict` gives logits for a split. The orchestrator (`tailclip.api`)
-only ever calls these, so every registered method runs through the same CLI, run folder and tests."""
+only ever calls these, so every registered method runs through the same CLI, run folder and tests.
+
+A method is built from a `TaskInfo` (names, templates, counts, base/new classes: never images) and fitted
+with a `FitContext` whose task cannot read its test splits (`Task.guarded`). Optional behaviour is declared
+here as methods with no-op defaults that the engine always calls; nothing is discovered with `hasattr`."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone
 from ..config import RunConfig
-from ..data.base import Task
+from ..data.base import Task, TaskInfo
 from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,8 @@ class Output:
 
 @dataclass
 class FitContext:
-    """What `fit`/`predict` get besides the method itself."""
+    """What `fit`/`predict` get besides the method itself. During `fit`, `task` is the guarded view whose test
+    splits raise when read; `predict` gets the full task."""
 
     cfg: RunConfig
     task: Task
@@ -54,11 +59,12 @@ class Method(nn.Module, ABC):
     Config: ClassVar[type | None] = None
     inputs: ClassVar[str] = "images"  # "images": runs the backbone per batch; "features": trains from the cache
 
-    def __init__(self, cfg: Any, backbone: Backbone, task: Task) -> None:
+    def __init__(self, cfg: Any, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.num_classes = task.num_classes
+        self.info = info
+        self.num_classes = info.num_classes
         backbone.requires_grad_(False)
 
     # --- what methods implement -------------------------------------------------------------------
@@ -78,6 +84,25 @@ class Method(nn.Module, ABC):
         from ..engine.evaluate import predict_images
 
         return predict_images(self, ctx, split)
+
+    # --- optional behaviour: the engine always calls these; the defaults do nothing special ----------
+    def train_transform(self, epoch: int) -> Callable[[Any], Tensor] | None:
+        """The image transform of training epoch `epoch`; None: RandomResizedCrop + flip from the backbone's
+        preprocessing (LIFT+ overrides this for its crop schedule)."""
+        return None
+
+    def eval_transform(self, tte: str) -> Callable[[Any], Tensor] | None:
+        """The evaluation transform for test-time ensembling mode `tte`; None: the backbone's preprocessing."""
+        return None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: dicts with "params" and an optional "lr_scale" applied on top of the
+        schedule. Default: one group of every trainable parameter."""
+        return [{"params": [p for _, p in self.trainable_parameters()]}]
+
+    def extra_results(self) -> dict[str, Any]:
+        """Method-specific entries merged into results.json (chosen hyper-parameters, selection protocol...)."""
+        return {}
 
     # --- shared helpers --------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

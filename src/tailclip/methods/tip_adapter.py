@@ -17,6 +17,7 @@ results.json then says `selected_on_test: true`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ class TipAdapter(Method):
         super().__init__(cfg, backbone, task)
         self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
         self.register_buffer("text_weights", zeroshot_weights(backbone, task).float())
-        n_train = len(task.split("train")) if "train" in task.splits else 0
+        n_train = task.num_train
         keys = torch.zeros(n_train, backbone.embed_dim)
         if self.finetune:
             self.keys = nn.Parameter(keys)
@@ -207,7 +208,8 @@ class TipAdapterF(TipAdapter):
             log.warning("no %s split: keeping the last epoch", select_split)
             select = None
         else:
-            sel = method_features(self, ctx, select_split)
+            sel_ctx = dataclasses.replace(ctx, task=ctx.task.unguarded()) if cfg.paper_protocol else ctx
+            sel = method_features(self, sel_ctx, select_split)
             select = (F.normalize(sel.proj.float(), dim=-1).to(self.keys.device), sel.labels.to(self.keys.device))
         opt = torch.optim.AdamW([self.keys], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
         steps = math.ceil(len(labels) / cfg.batch_size)

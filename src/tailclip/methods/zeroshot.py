@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..data.base import Task
+from ..data.base import TaskInfo
 from .base import Method, Output, register_method
 
 
@@ -17,9 +17,9 @@ class ZeroShotConfig:
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
 
 
-def zeroshot_weights(backbone: Backbone, task: Task) -> Tensor:
+def zeroshot_weights(backbone: Backbone, info: TaskInfo) -> Tensor:
     """(C, D) prompt-ensemble classifier for the task's class names and templates."""
-    return backbone.text_classifier(task.classnames, task.templates)
+    return backbone.text_classifier(info.classnames, info.templates)
 
 
 @register_method("zeroshot")
@@ -28,10 +28,10 @@ class ZeroShot(Method):
 
     Config = ZeroShotConfig
 
-    def __init__(self, cfg: ZeroShotConfig, backbone: Backbone, task: Task) -> None:
-        super().__init__(cfg, backbone, task)
+    def __init__(self, cfg: ZeroShotConfig, backbone: Backbone, info: TaskInfo) -> None:
+        super().__init__(cfg, backbone, info)
         self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, task))
+        self.register_buffer("text_weights", zeroshot_weights(backbone, info))
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
         feats = self.backbone.encode_image(images).proj.float()
