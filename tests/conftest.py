@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tailclip.methods  # noqa: F401  (registers every method and its options for load_config)
+
 TINY_VIT = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 16, "patch_size": 8},

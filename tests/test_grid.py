@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tailclip.config import RunConfig, load_config
-from tailclip.engine.grid import run_grid
+from tailclip.grid import run_grid
 
 
 def fake_run(cfg: RunConfig) -> Path:

@@ -12,7 +12,6 @@ import torch
 
 from tailclip.config import DataConfig
 from tailclip.synthetic import generator as G
-from tailclip.synthetic import tasks as T
 from tailclip.synthetic.captions import make_captions
 
 
@@ -102,7 +101,7 @@ def test_synth_lt_counts() -> None:
 
 
 def test_recorded_test_sample_is_the_task_test_split() -> None:
-    images, labels = T.balanced_test_images(7)
+    images, labels = G.balanced_test_images(7)
     split = _build("synth-lt").split("test")
     assert np.array_equal(labels, split.labels[:7])
     assert all(np.array_equal(np.asarray(split.images.load(i)), images[i]) for i in range(7))
@@ -152,7 +151,7 @@ def shipped():
 @pytest.fixture(scope="module")
 def test_sample(shipped):
     n = shipped[2]["zero_shot"]["sample_n"]
-    images, labels = T.balanced_test_images(n)
+    images, labels = G.balanced_test_images(n)
     return images, labels
 
 

@@ -110,7 +110,7 @@ def train(
         typer.echo(param_report(m))
         return
     if shots is not None or seeds is not None:
-        from .engine.grid import run_grid
+        from .grid import run_grid
 
         out = run_grid(cfg, _ints(shots) or [cfg.data.shots or 16], _ints(seeds) or [cfg.data.seed])
         typer.echo(Path(out / "grid.md").read_text() if (out / "grid.md").exists() else f"grid folder: {out}")

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownNameError
 
 
 def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -130,15 +130,21 @@ class RunConfig:
         return getattr(self, self.method.replace("-", "_"), None)
 
 
-def _method_config_class(method: str) -> type | None:
-    from .methods import get_method  # local import: methods import this module
+# Each method registers its options class here when it is defined (`methods.base.register_method`), so this
+# module never imports `tailclip.methods`: configuration sits below the methods in the import graph.
+METHOD_CONFIGS: dict[str, type | None] = {}
 
-    return getattr(get_method(method), "Config", None)
+
+def register_method_config(method: str, config_cls: type | None) -> None:
+    METHOD_CONFIGS[method] = config_cls
 
 
 def _schema_for(method: str) -> type:
     """A dataclass extending RunConfig with one field, named after the method, holding its Config."""
-    cfg_cls = _method_config_class(method)
+    if method not in METHOD_CONFIGS:
+        known = ", ".join(sorted(METHOD_CONFIGS)) or "(none registered: import tailclip.methods or tailclip.api first)"
+        raise UnknownNameError(f"unknown method {method!r}; known methods: {known}")
+    cfg_cls = METHOD_CONFIGS[method]
     if cfg_cls is None:
         return RunConfig
     key = method.replace("-", "_")

@@ -129,6 +129,8 @@ TEST_SPLITS = ("test", "test_base", "test_new")
 class TestSplitAccessError(RuntimeError):
     """A method read a test split while fitting: every choice must be made on train/val data."""
 
+    __test__ = False  # not a pytest test class despite its name
+
 
 class GuardedSplits(dict):
     """The splits of a task during `fit`: names stay visible (`"test" in splits`), but reading a test split
@@ -148,12 +150,12 @@ class GuardedSplits(dict):
         return super().__getitem__(name)
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return self[name] if name in self else default
+        return self[name] if name in self else default  # noqa: SIM401  (self.get would recurse)
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> list[Split]:  # type: ignore[override]
         return [self[k] for k in self]
 
-    def items(self):  # type: ignore[override]
+    def items(self) -> list[tuple[str, Split]]:  # type: ignore[override]
         return [(k, self[k]) for k in self]
 
 

@@ -1,4 +1,4 @@
-"""Explicit imports that fill the dataset registry (timm style: reading this file lists every dataset module)."""
+"""Explicit imports that fill the dataset registry (timm style: reading this file lists every dataset module).
+`synthetic` holds the built-in world's tasks: synth-lt, synth-fewshot, synth-b2n, synth-b2n-lt."""
 
-from ..synthetic import tasks as synthetic_tasks  # noqa: F401  (synth-lt, synth-fewshot, synth-b2n, synth-b2n-lt)
-from . import base2new, cifar, coop, imagenet, lt, user  # noqa: F401
+from . import base2new, cifar, coop, imagenet, lt, synthetic, user  # noqa: F401

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import RunConfig
+from ..config import RunConfig, register_method_config
 from ..data.base import Task, TaskInfo
 from ..registry import Registry
 
@@ -136,6 +136,7 @@ METHODS: Registry[MethodClass] = Registry("method")
 def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
     def deco(cls: MethodClass) -> MethodClass:
         cls.name = name
+        register_method_config(name, cls.Config)
         return METHODS.register(name)(cls)
 
     return deco

@@ -297,3 +297,16 @@ class SyntheticImages:
         idx = np.asarray(indices, np.int64)
         return render_images(self.seed, self.stream, (idx + self.offset).tolist(), self.labels[idx].tolist(),
                              self.style)
+
+
+WORLD_SEED = 0  # fixes every downstream image of the world; DataConfig.seed only picks which ones a task uses
+TEST_PER_CLASS = 100
+
+
+def balanced_test_images(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The balanced downstream test split (or its first `limit` images) as arrays (uint8 images, labels): what the
+    recorded zero-shot metrics use; identical to rendering `build_task(synth-lt).split("test")` image by image."""
+    labels = np.arange(NUM_CLASSES * TEST_PER_CLASS, dtype=np.int64) % NUM_CLASSES
+    labels = labels[:limit] if limit is not None else labels
+    images = render_images(WORLD_SEED, STREAMS["test"], list(range(len(labels))), labels.tolist(), "downstream")
+    return images, labels

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .captions import TASK_TEMPLATES, make_captions
-from .generator import CLASSNAMES, NUM_CLASSES, STREAMS, draw_params, render
+from .generator import CLASSNAMES, NUM_CLASSES, STREAMS, balanced_test_images, draw_params, render
 from .zeroshot import MEAN, STD, evaluate_zero_shot, images_to_tensor
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,6 @@ def _pretrain_style_top1(model: torch.nn.Module, n: int = 1000) -> float:
 
 def measure(model: torch.nn.Module, order: np.ndarray, sample: int = 500, limit: int | None = None) -> dict[str, Any]:
     """Zero-shot metrics on the balanced synth-lt test set (downstream style), and on its first `sample` images."""
-    from .tasks import balanced_test_images
-
     tokenizer = get_tokenizer()
     images, labels = balanced_test_images(limit)
     res = evaluate_zero_shot(model, tokenizer, images, labels, CLASSNAMES, TASK_TEMPLATES)

@@ -34,18 +34,25 @@ import logging
 import numpy as np
 
 from ..config import DataConfig
-from ..data.base import Split, Task
-from ..data.registry import register_dataset
 from ..errors import ConfigError
-from .captions import TASK_TEMPLATES
-from .generator import CLASSNAMES, NUM_CLASSES, STREAMS, SyntheticImages, render_images
+from ..synthetic.captions import TASK_TEMPLATES
+from ..synthetic.generator import (
+    CLASSNAMES,
+    NUM_CLASSES,
+    STREAMS,
+    TEST_PER_CLASS,
+    WORLD_SEED,
+    SyntheticImages,
+)
+from .base import Split, Task
+from .fewshot import apply_shots, sample_k_shot
+from .registry import register_dataset
+from .templates import get_templates
 
 log = logging.getLogger(__name__)
 
-WORLD_SEED = 0
 POOL_PER_CLASS = 500
 VAL_PER_CLASS = 20
-TEST_PER_CLASS = 100
 NUM_BASE = NUM_CLASSES // 2
 DEFAULT_BETA = 100.0
 B2N_NMAX = 100
@@ -65,15 +72,6 @@ def _stream_split(stream: str, per_class: int, classes: np.ndarray | None = None
 
 def train_pool() -> Split:
     return _stream_split("train", POOL_PER_CLASS)
-
-
-def balanced_test_images(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The balanced test split (or its first `limit` images) as arrays (uint8 images, labels): what the recorded
-    zero-shot metrics use; identical to rendering `build_task(synth-lt).split("test")` image by image."""
-    labels = np.arange(NUM_CLASSES * TEST_PER_CLASS, dtype=np.int64) % NUM_CLASSES
-    labels = labels[:limit] if limit is not None else labels
-    images = render_images(WORLD_SEED, STREAMS["test"], list(range(len(labels))), labels.tolist(), "downstream")
-    return images, labels
 
 
 def lt_class_order(seed: int) -> np.ndarray:
@@ -106,16 +104,12 @@ def _first_n_per_class(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _templates(cfg: DataConfig) -> list[str]:
     if cfg.templates:
-        from ..data.templates import get_templates
-
         return get_templates(cfg.templates)
     return list(TASK_TEMPLATES)
 
 
 def _k_shot(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """K indices per class with the team's seeded sampler (sorted, so split order is canonical)."""
-    from ..data.fewshot import sample_k_shot
-
     return np.sort(np.asarray(sample_k_shot(labels, k, seed), np.int64))
 
 
@@ -123,8 +117,6 @@ def _maybe_shots(task: Task, cfg: DataConfig) -> Task:
     """Apply `cfg.shots` to a task that is not K-shot by construction (e.g. synth-lt with shots=4)."""
     if cfg.shots is None:
         return task
-    from ..data.fewshot import apply_shots
-
     return apply_shots(task, cfg)
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig
-from ..io import atomic_write_text, write_json
+from .config import RunConfig
+from .io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
              run_fn: Callable[[RunConfig], Path] | None = None) -> Path:
     """Run every (shots, seed) cell with data.shots / data.seed set; returns the grid folder."""
     if run_fn is None:
-        from ..api import run as run_fn
+        from .api import run as run_fn
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
     if not shots or not seeds:
         raise ValueError("a grid needs at least one shot count and one seed")
