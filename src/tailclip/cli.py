@@ -95,7 +95,7 @@ def train(
     print_params: Annotated[bool, typer.Option("--print-params", help="print trainable parameters and exit")] = False,
 ) -> None:
     """Train a method (fine-tuning, adapters, post-hoc fitting) and evaluate it."""
-    from .config import load_config
+    from .api import load_config
 
     _setup_logging()
     ovr = _overrides(method, dataset, model, root, output_dir, name, overrides)
@@ -135,7 +135,7 @@ def eval_(
 ) -> None:
     """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
     from .api import run, run_from_checkpoint
-    from .config import load_config
+    from .api import load_config
 
     _setup_logging()
     ovr = _overrides(method, dataset, model, root, output_dir, name, overrides)
@@ -175,7 +175,7 @@ def extract(
     views: Annotated[int, typer.Option(help="augmented views of the train split (0: none)")] = 0,
 ) -> None:
     """Compute frozen image features once into the feature cache."""
-    from .config import load_config
+    from .api import load_config
     from .features import extract_from_config
 
     _setup_logging()
@@ -223,7 +223,7 @@ def verify_data(
     overrides: Overrides = None,
 ) -> None:
     """Check that every file of a dataset exists and decodes; names each missing or unreadable file."""
-    from .config import load_config
+    from .api import load_config
     from .data.verify import verify_dataset
 
     _setup_logging()

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .api import format_table, run
-from .config import load_config
+from .api import format_table, load_config, run
 from .engine.runs import RunDir
 
 BASE = ["model.name=synthetic:tiny-clip", "data.name=synth-lt", "data.imbalance_ratio=100"]
