@@ -246,12 +246,12 @@ class GLA(Method):
         cfg = self.cfg
         run = self._finetuned(ctx)
         ft_cfg = run.check_same_task(ctx.task, ctx.cfg.data)
+        source = cfg.source_prior if cfg.source_prior != "auto" else source_prior_of(run, ft_cfg)
         cal_splits = self._fit_splits(ctx, cfg.calibration_split, "calibration_split")
         pairs = [self._pair(ctx, s) for s in cal_splits]
         zs_c, ft_c, y_c = (torch.cat([p[i] for p in pairs]) for i in range(3))
         t_ft = confidence_temperature(ft_c, y_c)
         self.temperatures[1] = t_ft
-        source = cfg.source_prior if cfg.source_prior != "auto" else source_prior_of(run, ft_cfg)
         if source == "train":
             counts = torch.as_tensor(ctx.task.class_counts, dtype=torch.float64).clamp_min(1)
             self.log_source_prior.copy_((counts / counts.sum()).log().float())
