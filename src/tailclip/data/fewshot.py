@@ -8,10 +8,11 @@ Few-shot validation never comes from the test split:
 * a dataset with its own val split (the CoOp datasets): min(K, 4) images per class from it (CoOp's protocol);
 * a dataset without one (ImageNet, CIFAR-100, iNaturalist 2018): K more images per class from the train images
   the K-shot draw left, 20 per class when K >= 32 (GLA's released ImageNet code, BeierZhu/GLA
-  GLA.FS.public/datasets/imagenet.py: `generate_fewshot_train_val` samples 2K images of a class, the first K
-  train and the rest val; K >= 32 takes ImageNet-LT's 20-per-class val list, drawn from train). Here the
-  first K images of each class's seeded train order are the K-shot train images (the same draw as without a
-  val) and the next ones the val images, so the two are disjoint by construction.
+  GLA.FS.public/datasets/imagenet.py: for K < 32 `generate_fewshot_train_val` samples 2K train images of a
+  class, the first K train and the rest val; for K >= 32 val is ImageNet-LT's fixed 20-per-class list of train
+  images and the K shots come from the rest; we draw those 20 with the seed instead of shipping the list).
+  Here the first K images of each class's seeded train order are the K-shot train images (the same draw as
+  without a val) and the next ones the val images, so the two are disjoint by construction.
 """
 
 from __future__ import annotations
