@@ -121,11 +121,13 @@ def test_gla_runs_end_to_end(tiny_vit_json: Path, tmp_path: Path, monkeypatch: p
     res = RunDir(deb).read_results()
     prior = json.loads((deb / "prior.json").read_text())
     assert len(prior["prior"]) == 4 and sum(prior["prior"]) == pytest.approx(1.0)
-    assert res["gla"]["prior_data"] == "train+val"  # balanced train split: K-shot protocol
+    # 6 images per class: a K-shot task with K < 20, so T_zs and q are fitted on train + val (released code)
+    assert res["gla"]["fitted_on"] == {"temperature_zs": "train+val", "prior": "train+val"}
     assert (deb / "prior.png").is_file()
     ens = run(load_config(None, base + ["method=gla", "run_name=ens", "gla.mode=ensemble", f"gla.finetuned_run={lp}"]))
     res = RunDir(ens).read_results()
-    assert res["gla"]["source_prior"] == "train" and res["gla"]["temperature_ft"] > 0
+    assert res["gla"]["source_prior"] == "train" and res["gla"]["temperature_ft"] > 0  # the probe's loss is CE
+    assert res["gla"]["fitted_on"] == {"temperature_zs": "train+val", "prior": "train+val", "temperature_ft": "val"}
     assert res["top1"] is not None and "ece" in res and "nll" in res
     # without saved logits the ensemble runs the fine-tuned checkpoint instead
     (lp / "logits_test.safetensors").rename(tmp_path / "moved.safetensors")

@@ -8,8 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tailclip.errors import UnknownNameError
 from tailclip.heads import CosineClassifier, LinearHead, build_head, map_text_to_pre_proj, text_init_weights
-from tailclip.losses import BalancedSoftmaxLoss, CrossEntropy, LogitAdjustedLoss, build_loss, log_prior
+from tailclip.losses import (
+    LOSSES,
+    BalancedSoftmaxLoss,
+    CrossEntropy,
+    LogitAdjustedLoss,
+    Loss,
+    build_loss,
+    log_prior,
+    loss_balances_prior,
+    loss_names,
+    register_loss,
+)
 
 
 def test_logit_adjusted_loss_hand_computed() -> None:
@@ -31,6 +43,23 @@ def test_la_tau_and_balanced_softmax() -> None:
     assert float(BalancedSoftmaxLoss(counts)(z, y)) == pytest.approx(float(LogitAdjustedLoss(counts)(z, y)), abs=1e-6)
     assert float(CrossEntropy(counts)(z, y)) == pytest.approx(float(F.cross_entropy(z, y)), abs=1e-7)
     assert float(build_loss("la", counts, tau=1.0)(z, y)) == pytest.approx(float(LogitAdjustedLoss(counts)(z, y)))
+
+
+def test_every_loss_declares_whether_it_balances_the_prior() -> None:
+    assert set(loss_names()) >= {"ce", "la", "bs"} and loss_names() == tuple(LOSSES)
+    assert {n: loss_balances_prior(n) for n in ("ce", "la", "bs")} == {"ce": False, "la": True, "bs": True}
+    for name, cls in LOSSES.items():  # the registry is the one list; every entry says it
+        assert isinstance(cls.balances_prior, bool) and isinstance(build_loss(name, [3, 2, 1]), Loss), name
+    with pytest.raises(UnknownNameError, match="bs, ce, la"):
+        loss_balances_prior("cf")
+
+    class Undeclared(Loss):
+        def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, labels)
+
+    with pytest.raises(TypeError, match="balances_prior"):
+        register_loss("undeclared")(Undeclared)
+    assert "undeclared" not in LOSSES
 
 
 def test_loss_buffers_are_not_checkpointed_and_zero_counts_are_finite() -> None:

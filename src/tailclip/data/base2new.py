@@ -5,11 +5,13 @@ classes only; test holds everything, with `test_base` / `test_new` subsets, and 
 evaluator to score base images among base names only and new images among new names only (the same
 conventions as the synthetic `synth-b2n` tasks).
 
-* balanced (`<dataset>-b2n`): K = data.shots (default 16) images per base class, val = min(K, 4) per base class.
+* balanced (`<dataset>-b2n`): K = data.shots (default 16) images per base class, val = min(K, 4) per base class
+  from the val split (datasets without one, e.g. ImageNet: K more train images per base class, fewshot.py).
 * imbalanced (`<dataset>-b2n-lt`, Candle): base classes ranked by available training images (then label) get
   n_i = max(int(100 · r^(i/(C_b−1))), 1), r = 1/data.imbalance_ratio (default 10; ImageNet 100), capped by
-  data.shots when set; val = 4 per base class. Images are the first n_i of each class's seeded order, so the
-  draws of different ratios are nested. data.seed picks the images (seeds 1/2/3 in the paper).
+  data.shots when set; val = 4 per base class (from the val split, else from the train images left over).
+  Images are the first n_i of each class's seeded order, so the draws of different ratios are nested.
+  data.seed picks the images (seeds 1/2/3 in the paper).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .base import Task
 from .coop import SPECS
-from .fewshot import FEWSHOT_VAL_MAX, STREAM_TRAIN, STREAM_VAL, sample_k_shot, seeded_order
+from .fewshot import FEWSHOT_VAL_MAX, STREAM_VAL, fewshot_val_shots, sample_k_shot, sample_train_val, val_source
 from .registry import DATASETS, register_dataset
 
 log = logging.getLogger(__name__)
@@ -58,36 +60,42 @@ def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, data
     base, new = base_new_classes(task.num_classes)
     train, test = task.split("train"), task.split("test")
     meta: dict = {"base_classes": base.tolist(), "new_classes": new.tolist(), "b2n_seed": cfg.seed}
+    base_idx = np.flatnonzero(train.labels < len(base))
+    source = val_source(task)
+    n_train: int | dict[int, int]
     if imbalanced:
         ratio = float(cfg.imbalance_ratio or DEFAULT_RATIO.get(dataset, 10.0))
         available = np.bincount(train.labels, minlength=task.num_classes)[base]
         counts = b2n_lt_counts(available, ratio)
         if cfg.shots is not None:
             counts = np.minimum(counts, cfg.shots)
-        picked = [seeded_order(np.flatnonzero(train.labels == c), cfg.seed, int(c), STREAM_TRAIN)[:n]
-                  for c, n in zip(base, counts)]  # fmt: skip
-        train_idx = np.sort(np.concatenate(picked))
+        n_train = {int(c): int(n) for c, n in zip(base, counts)}
         k_val = FEWSHOT_VAL_MAX
         meta.update(imbalance_ratio=ratio, n_max=LT_NMAX, counts=counts.tolist())
     else:
         k = int(cfg.shots or DEFAULT_SHOTS)
-        base_idx = np.flatnonzero(train.labels < len(base))
-        train_idx = base_idx[sample_k_shot(train.labels[base_idx], k, cfg.seed, stream=STREAM_TRAIN)]
-        k_val = min(k, FEWSHOT_VAL_MAX)
+        n_train, k_val = k, fewshot_val_shots(k, source)
         meta.update(shots=k)
+    # the first n_i of each base class's seeded train order (so draws of different ratios are nested); val from
+    # the dataset's val split, else the next k_val train images of the class (never from test; see fewshot.py)
+    train_pos, val_pos = sample_train_val(train.labels[base_idx], n_train, k_val if source == "train" else 0, cfg.seed)
+    train_idx = base_idx[train_pos]
     splits = {"train": train.subset(train_idx)}
     drawn = {"train": train_idx.tolist()}
-    if "val" in task.splits:
+    if source == "train":
+        val_idx = base_idx[val_pos]
+        splits["val"] = train.subset(val_idx)
+    else:
         val = task.split("val")
         val_base = np.flatnonzero(val.labels < len(base))
         val_idx = val_base[sample_k_shot(val.labels[val_base], k_val, cfg.seed, stream=STREAM_VAL)]
         splits["val"] = val.subset(val_idx)
-        drawn["val"] = val_idx.tolist()
+    drawn["val"] = val_idx.tolist()
     splits["test"] = test
     splits["test_base"] = test.subset(np.flatnonzero(test.labels < len(base)))
     splits["test_new"] = test.subset(np.flatnonzero(test.labels >= len(base)))
     spaces = {"train": base.tolist(), "val": base.tolist(), "test_base": base.tolist(), "test_new": new.tolist()}
-    meta.update(label_spaces=spaces, shot_indices=drawn)
+    meta.update(label_spaces=spaces, shot_indices=drawn, val_source=source)
     log.info(
         "%s: base-to-new, %d base / %d new classes, %d train images", task.name, len(base), len(new), len(train_idx)
     )

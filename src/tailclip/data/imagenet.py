@@ -50,11 +50,12 @@ def _class_folders(base: Path, class_dirs: list[str], dataset: str, hint: str) -
 
 @register_dataset("imagenet")
 def build_imagenet(cfg: DataConfig) -> Task:
-    """ImageNet-1k (CoOp protocol): 1.28M train, 50,000 test (the official val set); val is the test set.
+    """ImageNet-1k: 1.28M train, 50,000 test (the official val set, which serves as the test split).
 
     Layout: `<root>/images/{train,val}/<wnid>/*.JPEG` (CoOp's `$DATA/imagenet`) or `<root>/{train,val}/<wnid>/`.
-    As in CoOp, the validation split *is* the test set (meta["val_is_test"] = True; few-shot val = min(K, 4)
-    test images per class): selecting on it is selecting on test, so prefer train.select_on=none here.
+    There is no val split: the official val images are the test split and are never used for a choice. With
+    data.shots = K the few-shot val is drawn from the train images left after the K-shot draw (K per class, 20
+    for K >= 32, as GLA's released code does; see data/fewshot.py), disjoint from the K-shot train images.
     """
     hint = f"Expected <root>/images/train/<wnid>/ and <root>/images/val/<wnid>/; images: {IMAGENET_SOURCE}."
     root = require_root(cfg, hint)
@@ -65,8 +66,7 @@ def build_imagenet(cfg: DataConfig) -> Task:
         if not (base / folder).is_dir():
             raise DataError(f"dataset 'imagenet': missing folder {base / folder}. {hint}")
         splits[split_name] = _class_folders(base / folder, list(wnids), "imagenet", hint)
-    splits = {"train": splits["train"], "val": splits["test"], "test": splits["test"]}
-    return finish_task(cfg, names, splits, "imagenet80", meta={"val_is_test": True})
+    return finish_task(cfg, names, splits, "imagenet80")
 
 
 @register_dataset("imagenet-v2")
@@ -76,7 +76,10 @@ def build_imagenet_v2(cfg: DataConfig) -> Task:
     Layout: `<root>/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg` (or root = that folder), from
     https://huggingface.co/datasets/vaishaal/ImageNetV2 (imagenetv2-matched-frequency.tar.gz).
     """
-    hint = "Expected <root>/imagenetv2-matched-frequency-format-val/<0..999>/ from https://huggingface.co/datasets/vaishaal/ImageNetV2."
+    hint = (
+        "Expected <root>/imagenetv2-matched-frequency-format-val/<0..999>/ from "
+        "https://huggingface.co/datasets/vaishaal/ImageNetV2."
+    )
     root = require_root(cfg, hint)
     _, names = imagenet_classes()
     dirs = [str(i) for i in range(1000)]

@@ -1,35 +1,78 @@
-"""One folder per run: config.yaml, log.txt, metrics.csv, results.json, checkpoints, plots."""
+"""One folder per run: config.yaml, log.txt, metrics.csv, results.json, logits, checkpoints, plots.
+
+`RunDir` is also the one place that reads another run's outputs (its config, saved logits, results and
+checkpoint), so ensembles of a fine-tuned run (GLA today; Candle, CoOp runs next) never parse run folders
+themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option, so one preset
+can point at the matching cell of a few-shot grid."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from ..config import RunConfig, dump_config
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..config import DataConfig, RunConfig, dump_config, load_config
+from ..errors import ConfigError, TailclipError
 from ..io import write_json
 from . import distributed
+from .checkpoint import WEIGHTS
+
+if TYPE_CHECKING:
+    from ..data.base import Task
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+RESULTS = "results.json"
 
 
 def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunDir:
-    """A run folder; attaching it adds a log.txt handler to the `tailclip` logger for the run's duration."""
+def logits_file(split: str) -> str:
+    """File name of a split's saved predictions (logits, labels, split indices) in a run folder."""
+    return f"logits_{split}.safetensors"
 
-    def __init__(self, path: Path) -> None:
+
+@dataclass(frozen=True)
+class SavedLogits:
+    """What a run saved for one split: (N, C) logits, labels, and each row's index in the split."""
+
+    logits: Tensor
+    labels: Tensor
+    indices: Tensor
+
+
+class RunDir:
+    """A run folder. Writing: `for_config` creates it, and entering it adds a log.txt handler to the `tailclip`
+    logger for the run's duration. Reading another run: `RunDir.existing(path)`, then its load_* methods."""
+
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self._handler: logging.Handler | None = None
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> RunDir:
-        """The run's folder; under torchrun every process gets rank 0's default name, so all share one folder."""
+        """The run's folder (created); under torchrun every process gets rank 0's default name, so all share it."""
         name = cfg.run_name or distributed.broadcast_object(default_run_name(cfg))
-        return cls(Path(cfg.output_dir) / name)
+        run = cls(Path(cfg.output_dir) / name)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def existing(cls, path: str | Path, option: str = "run folder") -> RunDir:
+        """A finished or running run folder given by the user (`option` names the config key in errors)."""
+        run = cls(path)
+        if not (run.path / CONFIG).is_file():
+            raise TailclipError(f"{option}={run.path} is not a run folder (no {CONFIG})")
+        return run
 
     def __enter__(self) -> Self:
         if not distributed.is_main_process():  # only rank 0 writes files
@@ -48,13 +91,66 @@ class RunDir:
             self._handler.close()
             self._handler = None
 
+    # ------------------------------------------------------------------ writing this run
     def write_config(self, cfg: RunConfig) -> None:
         if distributed.is_main_process():
-            dump_config(cfg, self.path / "config.yaml")
+            dump_config(cfg, self.path / CONFIG)
 
     def write_results(self, results: dict[str, Any]) -> None:
         if distributed.is_main_process():
-            write_json(self.path / "results.json", results)
+            write_json(self.path / RESULTS, results)
+
+    # ------------------------------------------------------------------ reading a run
+    def load_config(self) -> RunConfig:
+        """The run's typed config (its method's options included)."""
+        return load_config(self.path / CONFIG)
 
     def read_results(self) -> dict[str, Any]:
-        return json.loads((self.path / "results.json").read_text())
+        path = self.path / RESULTS
+        if not path.is_file():
+            raise TailclipError(f"{self.path} has no {RESULTS} (not a finished run folder)")
+        return json.loads(path.read_text())
+
+    def load_logits(self, split: str) -> SavedLogits | None:
+        """The predictions the run saved for `split`, or None when it did not evaluate that split."""
+        path = self.path / logits_file(split)
+        if not path.is_file():
+            return None
+        data = load_file(str(path))
+        return SavedLogits(data["logits"].float(), data["labels"].long(), data["indices"].long())
+
+    def checkpoint_path(self) -> Path | None:
+        """The run's trained weights (only what its method trained), or None when it saved none."""
+        path = self.path / WEIGHTS
+        return path if path.is_file() else None
+
+    def load_checkpoint_tensors(self) -> dict[str, Tensor]:
+        path = self.checkpoint_path()
+        if path is None:
+            raise TailclipError(f"{self.path} has no {WEIGHTS}: not a trained run (or it was not finished)")
+        return load_file(str(path))
+
+    def check_same_task(self, task: Task, data: DataConfig) -> RunConfig:
+        """The run's config, after checking it was trained on `task`'s classes (an error otherwise) and warning
+        about data options that differ from `data` (another seed or shot count is allowed, but worth a line)."""
+        cfg = self.load_config()
+        if (self.path / RESULTS).is_file():
+            names = self.read_results().get("classnames")
+            if names is not None and list(names) != list(task.classnames):
+                raise TailclipError(f"run {self.path} was trained on other classes than {task.name}")
+        for key in ("name", "shots", "seed", "imbalance_ratio"):
+            theirs, ours = getattr(cfg.data, key), getattr(data, key)
+            if theirs != ours:
+                log.warning("run %s has data.%s=%r, this run %r", self.path, key, theirs, ours)
+        return cfg
+
+
+def run_from_template(template: str, data: DataConfig, dataset: str, option: str) -> RunDir:
+    """The existing run folder `template` names after filling {shots} {seed} {dataset} from this run's data."""
+    try:
+        text = template.format(shots=data.shots, seed=data.seed, dataset=dataset)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{option}={template!r}: only {{shots}}, {{seed}} and {{dataset}} can be filled ({exc})"
+        ) from None
+    return RunDir.existing(text, option)

@@ -1,12 +1,18 @@
 """Classification losses for long-tailed training, each an nn.Module built from the training class counts.
 
 Counts are turned into fixed (non-persistent) buffers: they are a property of the dataset, not trained state,
-so checkpoints never carry them and a loss moves with `.to(device)` like any other module."""
+so checkpoints never carry them and a loss moves with `.to(device)` like any other module.
+
+The registry here is the one list of losses. Every registered loss declares `balances_prior`: whether training
+with it already removes the training label prior from the logits (LA, balanced softmax), so a model trained
+with it predicts as if the classes were balanced. GLA's ensemble reads it (`loss_balances_prior`) to decide
+the source prior p_s of a fine-tuned run by property, never by loss name."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -38,8 +44,35 @@ def log_prior(class_counts: Sequence[int] | np.ndarray | Tensor) -> Tensor:
     return (counts / counts.sum()).log().float()
 
 
-class CrossEntropy(nn.Module):
+class Loss(nn.Module):
+    """Base of the registered losses: `loss(logits, labels) -> scalar`, built from the training class counts."""
+
+    balances_prior: ClassVar[bool]  # True: training with it removes the train label prior from the logits
+
+
+LOSSES: Registry[type[Loss]] = Registry("loss")
+
+
+LossT = TypeVar("LossT", bound=type[Loss])
+
+
+def register_loss(name: str) -> Callable[[LossT], LossT]:
+    """Register a Loss subclass under `name`; it must declare `balances_prior` (True or False)."""
+
+    def deco(cls: LossT) -> LossT:
+        if not isinstance(getattr(cls, "balances_prior", None), bool):
+            raise TypeError(f"loss {name!r} ({cls.__name__}) must declare balances_prior: ClassVar[bool]")
+        LOSSES.register(name)(cls)
+        return cls
+
+    return deco
+
+
+@register_loss("ce")
+class CrossEntropy(Loss):
     """Plain softmax cross-entropy (the LIFT-CE comparison row). Accepts and ignores class counts."""
+
+    balances_prior = False  # the model learns the train label prior along with the classes
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray | Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -49,9 +82,12 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
 
-class LogitAdjustedLoss(nn.Module):
+@register_loss("la")
+class LogitAdjustedLoss(Loss):
     """Logit-adjusted loss (Menon et al. 2021): CE(z + tau * log pi, y). Only training logits are adjusted;
     prediction uses the raw z, which is what makes the classifier balanced at test time."""
+
+    balances_prior = True  # exactly so at tau = 1 (the default everywhere); other tau over/under-correct
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray | Tensor, tau: float = 1.0) -> None:
         super().__init__()
@@ -65,27 +101,35 @@ class LogitAdjustedLoss(nn.Module):
         return F.cross_entropy(logits.float() + self.adjustment(), labels)
 
 
+@register_loss("bs")
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
     """Balanced softmax (Ren et al. 2020): CE(z + log n_c, y). Equals LA with tau = 1 up to a constant shift
     of every logit (log sum n), which softmax ignores; kept as its own name because papers report it so."""
+
+    balances_prior = True
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray | Tensor, tau: float = 1.0) -> None:
         super().__init__(class_counts, tau)
         self.log_prior = _counts_tensor(class_counts).log().float()
 
 
-LossBuilder = Callable[..., nn.Module]
-LOSSES: Registry[LossBuilder] = Registry("loss")
-LOSSES.register("ce")(CrossEntropy)
-LOSSES.register("la")(LogitAdjustedLoss)
-LOSSES.register("bs")(BalancedSoftmaxLoss)
+def loss_names() -> tuple[str, ...]:
+    """Every registered loss name (for a method's `check_choice` of its `loss` option)."""
+    return tuple(LOSSES)
 
 
-def build_loss(name: str, class_counts: Sequence[int] | np.ndarray | Tensor, **options: float) -> nn.Module:
-    """`build_loss("la", task.class_counts, tau=1.0)`; names: ce, la (logit-adjusted), bs (balanced softmax)."""
+def build_loss(name: str, class_counts: Sequence[int] | np.ndarray | Tensor, **options: float) -> Loss:
+    """`build_loss("la", task.class_counts, tau=1.0)`; names: `loss_names()` (ce, la, bs, ...)."""
     return LOSSES.get(name)(class_counts, **options)
 
 
+def loss_balances_prior(name: str) -> bool:
+    """Whether a model trained with loss `name` already predicts as if classes were balanced (unknown name:
+    UnknownNameError listing the registered losses)."""
+    return LOSSES.get(name).balances_prior
+
+
 __all__ = [
-    "LOSSES", "BalancedSoftmaxLoss", "CrossEntropy", "LogitAdjustedLoss", "build_loss", "log_prior",
+    "LOSSES", "BalancedSoftmaxLoss", "CrossEntropy", "LogitAdjustedLoss", "Loss", "build_loss", "log_prior",
+    "loss_balances_prior", "loss_names", "register_loss",
 ]

@@ -1,17 +1,22 @@
 """GLA — Generalized Logit Adjustment (Zhu et al., NeurIPS 2023), and WiSE-FT as its comparison baseline.
 
 `gla` (mode `debiased_zeroshot`): calibrate the zero-shot logits with the temperature T_zs that makes mean
-max-softmax confidence equal accuracy on the validation split, estimate the pretraining label prior q on
-labelled balanced data (min_q CE(z/T_zs - log q, y), our own simplex solver in `tailclip.posthoc.prior`) and
-predict with z/T_zs - log q.
+max-softmax confidence equal accuracy, estimate the pretraining label prior q (min_q CE(z/T_zs - log q, y), our
+own simplex solver in `tailclip.posthoc.prior`) on the same labelled data, and predict with z/T_zs - log q.
 
 `gla` (mode `ensemble`): the same plus any fine-tuned run (linear probe, LIFT, Sage, LDC …) given as a run
 folder: its saved `logits_{split}.safetensors` are used (or, when a split was not evaluated, its checkpoint is
-loaded and run), T_ft is calibrated on validation too, and the prediction is
-z_ft/T_ft + z_zs/T_zs - log q - log p_s (+ log p_t). p_s is the label distribution the fine-tuned model was
-trained on; `source_prior: auto` takes it as uniform when that run's loss already balanced its logits (LA,
-balanced softmax), else as the train class frequencies. `finetuned_run` may hold {shots}, {seed} and
-{dataset}, filled from the data config, so one preset serves a whole few-shot grid.
+loaded and run), T_ft is calibrated too, and the prediction is z_ft/T_ft + z_zs/T_zs - log q - log p_s
+(+ log p_t). p_s is the label distribution the fine-tuned model was trained on; `source_prior: auto` takes it
+as uniform when that run's loss balances the prior (`tailclip.losses.loss_balances_prior`), else as the train
+class frequencies. `finetuned_run` may hold {shots}, {seed} and {dataset}, filled from the data config, so one
+preset serves a whole few-shot grid; the run folder is read through `tailclip.engine.runs.RunDir`.
+
+Which data fits what follows the released few-shot code (BeierZhu/GLA, GLA.FS.public/trainers/gla.py,
+`build_model` and `test`; `CLIP.pp_estimate` in trainers/util.py): T_zs and q are fitted together on one set
+of labelled images, the K-shot train + val images when K < 20 and val alone otherwise (the zero-shot model
+never saw any of them); T_ft on val only (the fine-tuned model saw train). `results.json` records the splits
+under gla.fitted_on.
 
 `wise_ft`: weight interpolation between a fine-tuned run and its zero-shot starting point (see
 `tailclip.posthoc.wise_ft` for when that is meaningful).
@@ -19,23 +24,22 @@ balanced softmax), else as the train class frequencies. `finetuned_run` may hold
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..config import check_choice, check_range
+from ..config import RunConfig, check_choice, check_range
 from ..data.base import Task
+from ..engine.runs import RunDir, run_from_template
 from ..errors import ConfigError, TailclipError
 from ..features import method_features
+from ..losses import LOSSES, loss_balances_prior
 from ..posthoc import (
     align,
     confidence_temperature,
@@ -43,7 +47,6 @@ from ..posthoc import (
     estimate_prior,
     gla_ensemble,
     interpolate_states,
-    load_run_logits,
     prior_nll,
     save_prior,
 )
@@ -52,16 +55,17 @@ from .zeroshot import zeroshot_weights
 
 log = logging.getLogger(__name__)
 
-BALANCING_LOSSES = {"la", "bs", "logit_adjusted", "balanced_softmax", "cla", "compensated", "compensated_la"}
+FIT_DATA = ("val", "train", "train+val")
+PRIOR_ON_TRAIN_BELOW_K = 20  # released code: q (and T_zs) on K-shot train + val when K < 20, else on val
 
 
 @dataclass
 class GLAConfig:
     mode: str = "debiased_zeroshot"  # debiased_zeroshot | ensemble
     finetuned_run: str | None = None  # run folder of the fine-tuned model (ensemble); may use {shots} {seed} {dataset}
-    calibration_split: str = "val"  # labelled, class-balanced split the temperatures are calibrated on
-    prior_data: str = "auto"  # auto (train+val when train is balanced, e.g. K-shot; else val) | val | train | train+val
-    source_prior: str = "auto"  # auto | train | uniform: p_s of the fine-tuned model
+    prior_data: str = "auto"  # T_zs and q: auto (train+val if K-shot with K < 20, else val) | val | train | train+val
+    calibration_split: str = "val"  # T_ft of the fine-tuned model (it saw train): val | train | train+val
+    source_prior: str = "auto"  # auto (by the fine-tuned run's loss) | train | uniform: p_s of the fine-tuned model
     target_prior: str = "uniform"  # uniform | train (test labels distributed like train)
     logit_scale: float | None = None  # zero-shot logit scale (None: the model's own)
     prior_max_iter: int = 500
@@ -71,7 +75,8 @@ class GLAConfig:
 
     def __post_init__(self) -> None:
         check_choice("gla.mode", self.mode, ("debiased_zeroshot", "ensemble"))
-        check_choice("gla.prior_data", self.prior_data, ("auto", "val", "train", "train+val"))
+        check_choice("gla.prior_data", self.prior_data, ("auto", *FIT_DATA))
+        check_choice("gla.calibration_split", self.calibration_split, FIT_DATA)
         check_choice("gla.source_prior", self.source_prior, ("auto", "train", "uniform"))
         check_choice("gla.target_prior", self.target_prior, ("uniform", "train"))
         check_range("gla.prior_reg", self.prior_reg, 0.0)
@@ -81,6 +86,34 @@ class GLAConfig:
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float(logits.argmax(-1).eq(labels).float().mean())
+
+
+def task_shots(task: Task) -> int | None:
+    """K of a K-shot task: the drawn K, else the count of a train split with equally many images per class."""
+    if task.meta.get("shots") is not None:
+        return int(task.meta["shots"])
+    if "train" in task.splits:
+        counts = set(task.class_counts.tolist())
+        if len(counts) == 1:
+            return counts.pop()
+    return None
+
+
+def source_prior_of(run: RunDir, cfg: RunConfig) -> str:
+    """`train` or `uniform`: whether the run's loss (its method's `loss` option) balanced the label prior."""
+    loss = getattr(cfg.method_config(), "loss", None)
+    fix = "set gla.source_prior=train (trained with plain CE) or gla.source_prior=uniform (a balancing loss)"
+    if not isinstance(loss, str):
+        raise ConfigError(
+            f"gla.source_prior=auto decides by the fine-tuned run's loss, but method {cfg.method!r} of {run.path} "
+            f"has no `loss` option; {fix}"
+        )
+    if loss not in LOSSES:
+        raise ConfigError(
+            f"gla.source_prior=auto: the fine-tuned run {run.path} used loss {loss!r}, which is not a registered "
+            f"loss (known: {', '.join(LOSSES)}), so whether it balanced the prior is unknown; {fix}"
+        )
+    return "uniform" if loss_balances_prior(loss) else "train"
 
 
 @register_method("gla")
@@ -98,7 +131,7 @@ class GLA(Method):
         self.register_buffer("temperatures", torch.ones(2))  # (T_zs, T_ft)
         self.register_buffer("log_source_prior", torch.zeros(task.num_classes))
         self.register_buffer("log_target_prior", torch.zeros(task.num_classes))
-        self._run: Path | None = None
+        self._run: RunDir | None = None
         self._ft_method: Method | None = None
         self._info: dict[str, Any] = {}
 
@@ -119,42 +152,27 @@ class GLA(Method):
         return self.zeroshot_logits(fs.proj.to(self.text_weights.device)).cpu(), fs.labels, fs.indices, fs.skipped
 
     # ------------------------------------------------------------------ fine-tuned side
-    def _resolve_run(self, ctx: FitContext) -> Path:
-        assert self.cfg.finetuned_run
-        text = self.cfg.finetuned_run.format(shots=ctx.cfg.data.shots, seed=ctx.cfg.data.seed, dataset=ctx.task.name)
-        run = Path(text)
-        if not (run / "config.yaml").is_file():
-            raise TailclipError(f"gla.finetuned_run={run} is not a run folder (no config.yaml)")
-        return run
-
-    def _check_run(self, ctx: FitContext, run: Path) -> dict[str, Any]:
-        ft_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        results = run / "results.json"
-        if results.is_file():
-            names = json.loads(results.read_text()).get("classnames")
-            if names is not None and list(names) != list(ctx.task.classnames):
-                raise TailclipError(f"fine-tuned run {run} was trained on other classes than {ctx.task.name}")
-        ft_data = ft_cfg.get("data", {})
-        for key in ("name", "shots", "seed", "imbalance_ratio"):
-            if key in ft_data and ft_data[key] != getattr(ctx.cfg.data, key):
-                log.warning("fine-tuned run has data.%s=%r, this run %r", key, ft_data[key], getattr(ctx.cfg.data, key))
-        return ft_cfg
+    def _finetuned(self, ctx: FitContext) -> RunDir:
+        if self._run is None:
+            assert self.cfg.finetuned_run
+            self._run = run_from_template(self.cfg.finetuned_run, ctx.cfg.data, ctx.task.name, "gla.finetuned_run")
+        return self._run
 
     def _ft_raw(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor, Tensor]:
-        assert self._run is not None
-        saved = load_run_logits(self._run, split)
+        run = self._finetuned(ctx)
+        saved = run.load_logits(split)
         if saved is not None:
-            return saved
-        if not (self._run / "checkpoint.safetensors").is_file():
+            return saved.logits, saved.labels, saved.indices
+        if run.checkpoint_path() is None:
             raise TailclipError(
-                f"fine-tuned run {self._run} has no logits_{split}.safetensors and no checkpoint: evaluate it on "
+                f"fine-tuned run {run.path} has no logits_{split}.safetensors and no checkpoint: evaluate it on "
                 f"{split} (eval.splits=[val,test]) or give a run with a checkpoint"
             )
         if self._ft_method is None:
             from ..api import load_trained
 
-            log.info("running the fine-tuned checkpoint of %s on %s", self._run, split)
-            ft_cfg, ft_task, method, _ = load_trained(self._run)
+            log.info("running the fine-tuned checkpoint of %s on %s", run.path, split)
+            ft_cfg, ft_task, method, _ = load_trained(run.path)
             self._ft_method, self._ft_ctx = method, FitContext(ft_cfg, ft_task, ctx.run_dir, ctx.device)
         preds = self._ft_method.predict(self._ft_ctx, split)
         return preds.logits, preds.labels, preds.indices
@@ -171,24 +189,27 @@ class GLA(Method):
         return zs[pa], ft[pb], y[pa], idx[pa]
 
     # ------------------------------------------------------------------ fitting
-    def _prior_splits(self, ctx: FitContext) -> list[str]:
-        choice = self.cfg.prior_data
-        if choice == "auto":
-            balanced = "train" in ctx.task.splits and len(set(ctx.task.class_counts.tolist())) == 1
-            choice = "train+val" if balanced else self.cfg.calibration_split
-        return [s for s in choice.split("+") if s in ctx.task.splits] or [self.cfg.calibration_split]
+    def _fit_splits(self, ctx: FitContext, choice: str, key: str) -> list[str]:
+        """The labelled splits a named choice (`train+val`, ...) stands for; each must exist."""
+        if choice == "auto":  # the released code's rule (trainers/gla.py, build_model)
+            k = task_shots(ctx.task)
+            choice = "train+val" if k is not None and k < PRIOR_ON_TRAIN_BELOW_K else "val"
+        splits = choice.split("+")
+        missing = [s for s in splits if s not in ctx.task.splits]
+        if missing:
+            raise TailclipError(
+                f"gla.{key}={choice}: {ctx.task.name} has no {', '.join(map(repr, missing))} split "
+                f"(it has {', '.join(ctx.task.splits)}); GLA fits on labelled, class-balanced data"
+            )
+        return splits
 
     @torch.no_grad()
     def fit(self, ctx: FitContext) -> None:
         cfg = self.cfg
-        cal = cfg.calibration_split
-        if cal not in ctx.task.splits:
-            raise TailclipError(f"GLA calibrates on labelled balanced data: {ctx.task.name} has no {cal!r} split")
-        zs_val, y_val, _, _ = self._zs(ctx, cal)
-        t_zs = confidence_temperature(zs_val, y_val)
-        splits = self._prior_splits(ctx)
-        parts = [self._zs(ctx, s)[:2] for s in splits]
+        prior_splits = self._fit_splits(ctx, cfg.prior_data, "prior_data")
+        parts = [self._zs(ctx, s)[:2] for s in prior_splits]
         z_prior, y_prior = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        t_zs = confidence_temperature(z_prior, y_prior)
         with torch.enable_grad():
             q = estimate_prior(z_prior, y_prior, t_zs, max_iter=cfg.prior_max_iter, reg=cfg.prior_reg)
         self.log_prior.copy_(q.clamp_min(1e-12).log().float())
@@ -196,45 +217,55 @@ class GLA(Method):
         if cfg.target_prior == "train":
             counts = torch.as_tensor(ctx.task.class_counts, dtype=torch.float64).clamp_min(1)
             self.log_target_prior.copy_((counts / counts.sum()).log().float())
+        fitted_on = {"temperature_zs": "+".join(prior_splits), "prior": "+".join(prior_splits)}
         info: dict[str, Any] = {
             "mode": cfg.mode,
             "temperature_zs": t_zs,
-            "prior_data": "+".join(splits),
+            "fitted_on": fitted_on,
             "prior_samples": int(y_prior.numel()),
             "prior_nll_uniform": prior_nll(z_prior, y_prior, t_zs, None),
             "prior_nll_estimated": prior_nll(z_prior, y_prior, t_zs, q),
             "target_prior": cfg.target_prior,
-            f"{cal}_top1_zeroshot": _accuracy(zs_val, y_val),
-            f"{cal}_top1_debiased": _accuracy(zs_val / t_zs - self.log_prior, y_val),
         }
+        if "val" in ctx.task.splits:
+            zs_val, y_val, _, _ = self._zs(ctx, "val")
+            info.update(val_top1_zeroshot=_accuracy(zs_val, y_val),
+                        val_top1_debiased=_accuracy(zs_val / t_zs - self.log_prior, y_val))
         if cfg.mode == "ensemble":
-            self._run = self._resolve_run(ctx)
-            ft_cfg = self._check_run(ctx, self._run)
-            zs_v, ft_v, y_v, _ = self._pair(ctx, cal)
-            t_ft = confidence_temperature(ft_v, y_v)
-            self.temperatures[1] = t_ft
-            source = cfg.source_prior
-            if source == "auto":
-                method_cfg = ft_cfg.get(str(ft_cfg.get("method", "")).replace("-", "_"), {}) or {}
-                source = "uniform" if str(method_cfg.get("loss", "")).lower() in BALANCING_LOSSES else "train"
-            if source == "train":
-                counts = torch.as_tensor(ctx.task.class_counts, dtype=torch.float64).clamp_min(1)
-                self.log_source_prior.copy_((counts / counts.sum()).log().float())
-            info.update({
-                "finetuned_run": str(self._run),
-                "finetuned_method": ft_cfg.get("method"),
-                "temperature_ft": t_ft,
-                "source_prior": source,
-                f"{cal}_top1_finetuned": _accuracy(ft_v, y_v),
-                f"{cal}_top1_ensemble": _accuracy(self._combine(zs_v, ft_v), y_v),
-            })
+            self._fit_ensemble(ctx, info)
         self._info = info
         paths = save_prior(ctx.run_dir, q, ctx.task.classnames,
-                           {"temperature_zs": t_zs, "prior_data": info["prior_data"],
+                           {"temperature_zs": t_zs, "prior_data": fitted_on["prior"],
                             "model": getattr(self.backbone, "name", None), "dataset": ctx.task.name},
                            plot=cfg.plot)
-        log.info("GLA: T_zs=%.3f, prior estimated on %s (%d samples), saved %s", t_zs, info["prior_data"],
+        log.info("GLA: T_zs=%.3f and q fitted on %s (%d samples), saved %s", t_zs, fitted_on["prior"],
                  info["prior_samples"], ", ".join(p.name for p in paths))
+
+    def _fit_ensemble(self, ctx: FitContext, info: dict[str, Any]) -> None:
+        """T_ft on the calibration split(s), p_s of the fine-tuned run; adds what it chose to `info`."""
+        cfg = self.cfg
+        run = self._finetuned(ctx)
+        ft_cfg = run.check_same_task(ctx.task, ctx.cfg.data)
+        source = cfg.source_prior if cfg.source_prior != "auto" else source_prior_of(run, ft_cfg)
+        cal_splits = self._fit_splits(ctx, cfg.calibration_split, "calibration_split")
+        pairs = [self._pair(ctx, s) for s in cal_splits]
+        zs_c, ft_c, y_c = (torch.cat([p[i] for p in pairs]) for i in range(3))
+        t_ft = confidence_temperature(ft_c, y_c)
+        self.temperatures[1] = t_ft
+        if source == "train":
+            counts = torch.as_tensor(ctx.task.class_counts, dtype=torch.float64).clamp_min(1)
+            self.log_source_prior.copy_((counts / counts.sum()).log().float())
+        cal = "+".join(cal_splits)
+        info["fitted_on"]["temperature_ft"] = cal
+        info.update({
+            "finetuned_run": str(run.path),
+            "finetuned_method": ft_cfg.method,
+            "finetuned_loss": getattr(ft_cfg.method_config(), "loss", None),
+            "temperature_ft": t_ft,
+            "source_prior": source,
+            f"{cal}_top1_finetuned": _accuracy(ft_c, y_c),
+            f"{cal}_top1_ensemble": _accuracy(self._combine(zs_c, ft_c), y_c),
+        })
 
     def _combine(self, zs: Tensor, ft: Tensor | None = None) -> Tensor:
         q = self.log_prior.exp().cpu()
@@ -248,8 +279,6 @@ class GLA(Method):
     @torch.no_grad()
     def predict(self, ctx: FitContext, split: str) -> Predictions:
         if self.cfg.mode == "ensemble":
-            if self._run is None:
-                self._run = self._resolve_run(ctx)
             zs, ft, y, idx = self._pair(ctx, split)
             return Predictions(self._combine(zs, ft), y, idx)
         zs, y, idx, skipped = self._zs(ctx, split)
@@ -276,25 +305,20 @@ class WiSEFT(Method):
 
     def __init__(self, cfg: WiSEFTConfig, backbone: Backbone, task: Task) -> None:
         super().__init__(cfg, backbone, task)
-        from safetensors.torch import load_file
-
-        from ..config import load_config
         from . import get_method
 
         if not cfg.finetuned_run:
             raise ConfigError("wise_ft.finetuned_run=<run folder of a fine-tuned model> is required")
-        run = Path(cfg.finetuned_run)
-        weights = run / "checkpoint.safetensors"
-        if not weights.is_file():
-            raise TailclipError(f"wise_ft needs a trained run with a checkpoint; {weights} is missing")
-        ft_cfg = load_config(run / "config.yaml")
+        run = RunDir.existing(cfg.finetuned_run, "wise_ft.finetuned_run")
+        weights = run.load_checkpoint_tensors()
+        ft_cfg = run.load_config()
         inner = get_method(ft_cfg.method)(ft_cfg.method_config(), backbone, task)
         start = inner.checkpoint_state()
-        inner.load_checkpoint_state(interpolate_states(start, load_file(str(weights)), cfg.alpha))
+        inner.load_checkpoint_state(interpolate_states(start, weights, cfg.alpha))
         inner.requires_grad_(False)
         self.inner = inner
         self.inner_method = ft_cfg.method
-        log.info("WiSE-FT of %s (%s) at alpha=%.2f", run, ft_cfg.method, cfg.alpha)
+        log.info("WiSE-FT of %s (%s) at alpha=%.2f", run.path, ft_cfg.method, cfg.alpha)
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
         return self.inner(images, labels)

@@ -2,7 +2,7 @@
 plain logit adjustment, WiSE-FT weight interpolation."""
 
 from .calibration import confidence_temperature, mean_confidence, nll_temperature
-from .gla import align, debias_zeroshot, gla_ensemble, load_run_logits, logit_adjust
+from .gla import align, debias_zeroshot, gla_ensemble, logit_adjust
 from .prior import estimate_prior, prior_nll, save_prior
 from .wise_ft import interpolate_states
 
@@ -13,7 +13,6 @@ __all__ = [
     "estimate_prior",
     "gla_ensemble",
     "interpolate_states",
-    "load_run_logits",
     "logit_adjust",
     "mean_confidence",
     "nll_temperature",

@@ -9,11 +9,9 @@ on (uniform when its loss already balanced it) and p_t a non-uniform target prio
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..errors import TailclipError
@@ -47,15 +45,6 @@ def logit_adjust(logits: Tensor, class_counts: np.ndarray | Tensor, tau: float =
     """Post-hoc logit adjustment (Menon et al.): z - tau * log pi, pi the training label distribution."""
     z = logits.double()
     return (z - tau * _log_prior(torch.as_tensor(np.asarray(class_counts, dtype=np.float64)), z)).float()
-
-
-def load_run_logits(run_dir: str | Path, split: str) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(logits, labels, indices) that a run saved for `split`, or None when it did not evaluate that split."""
-    path = Path(run_dir) / f"logits_{split}.safetensors"
-    if not path.is_file():
-        return None
-    data = load_file(str(path))
-    return data["logits"].float(), data["labels"].long(), data["indices"].long()
 
 
 def align(indices_a: Tensor, indices_b: Tensor) -> tuple[Tensor, Tensor]:
