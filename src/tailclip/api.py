@@ -13,18 +13,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import create_backbone
-from .config import RunConfig, load_config
+from .config import RunConfig
 from .data.base import Task
-from .data.registry import build_task
 from .engine import distributed
-from .engine.checkpoint import load_checkpoint, save_checkpoint
+from .engine.checkpoint import save_checkpoint
 from .engine.evaluate import resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir
 from .errors import TailclipError
 from .io import atomic_save_tensors
-from .methods import FitContext, Method, Predictions, get_method
+from .methods import FitContext, Method, Predictions
+from .methods.loading import build, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,6 @@ def group_counts(task: Task) -> np.ndarray | None:
     if task.group_counts is not None:
         return task.group_counts
     return task.class_counts if "train" in task.splits else None
-
-
-def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
-    torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg.data)  # first: data errors are cheaper to find than loading weights
-    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
-    method = get_method(cfg.method)(cfg.method_config(), backbone, task.info()).to(device)
-    return task, method
 
 
 def save_predictions(path: Path, preds: Predictions) -> None:
@@ -135,18 +126,6 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
             save_checkpoint(method, ctx)
         run_dir.write_results(evaluate(method, ctx))
     return run_dir.path
-
-
-def load_trained(run_dir: Path, overrides: list[str] | None = None) -> tuple[RunConfig, Task, Method, torch.device]:
-    """Rebuild a trained run's method from its config.yaml and checkpoint (trainable parameters only)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise TailclipError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", list(overrides or []))
-    device = resolve_device(cfg.device)
-    task, method = build(cfg, device)
-    load_checkpoint(method, run_dir)
-    return cfg, task, method, device
 
 
 def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Path:

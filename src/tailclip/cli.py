@@ -134,8 +134,7 @@ def eval_(
     checkpoint: Annotated[Path | None, typer.Option(help="a run folder written by tailclip train")] = None,
 ) -> None:
     """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
-    from .api import run, run_from_checkpoint
-    from .api import load_config
+    from .api import load_config, run, run_from_checkpoint
 
     _setup_logging()
     ovr = _overrides(method, dataset, model, root, output_dir, name, overrides)

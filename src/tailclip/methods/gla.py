@@ -169,7 +169,7 @@ class GLA(Method):
                 f"{split} (eval.splits=[val,test]) or give a run with a checkpoint"
             )
         if self._ft_method is None:
-            from ..api import load_trained
+            from .loading import load_trained
 
             log.info("running the fine-tuned checkpoint of %s on %s", run.path, split)
             ft_cfg, ft_task, method, _ = load_trained(run.path)
