@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import RunConfig
+from .config import RunConfig, load_config  # noqa: F401  (re-exported: configs loaded through the api know every method)
 from .data.base import Task
 from .engine import distributed
 from .engine.checkpoint import save_checkpoint
