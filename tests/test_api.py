@@ -32,3 +32,30 @@ def test_base_to_new_scores_each_half_in_its_own_label_space() -> None:
     assert sub.argmax(1).tolist() == labels.tolist() == [0, 1]
     assert counts.tolist() == [0, 0]
     assert harmonic_mean(80.0, 60.0) == pytest.approx(68.5714, abs=1e-4)
+
+
+def test_k_shot_run_keeps_its_draw(tmp_path, tiny_vit_json) -> None:
+    """The drawn K-shot indices are written next to the results, and applying them rebuilds the same splits."""
+    import dataclasses
+    import json
+
+    from test_features import color_task
+
+    from tailclip.api import SHOT_INDICES, load_config, run
+    from tailclip.data.fewshot import apply_shots
+    from tailclip.data.registry import DATASETS, build_task, register_dataset
+
+    name = "api-colors"
+    if name not in DATASETS:
+        register_dataset(name)(lambda cfg: apply_shots(color_task(3, 8, name=name), cfg))
+    cfg = load_config(None, [f"model.name=json:{tiny_vit_json}", f"data.name={name}", "data.shots=2", "data.seed=3",
+                             f"output_dir={tmp_path}", "run_name=zs", "method=zeroshot"])
+    run_dir = run(cfg, train=False)
+    stored = json.loads((run_dir / SHOT_INDICES).read_text())
+    drawn = build_task(cfg.data)
+    assert stored == drawn.meta["shot_indices"]
+    full = build_task(dataclasses.replace(cfg.data, shots=None))
+    again = apply_shots(full, dataclasses.replace(cfg.data, seed=99), indices=stored)
+    assert again.split("train").labels.tolist() == drawn.split("train").labels.tolist()
+    assert [again.split("train").images.ident(i) for i in range(6)] == \
+        [drawn.split("train").images.ident(i) for i in range(6)]

@@ -64,12 +64,12 @@ def test_gla_fits_tzs_and_q_on_the_same_data(tiny_vit_json: Path, tmp_path: Path
 def test_auto_prior_data_follows_the_released_rule() -> None:
     """K-shot with K < 20: train + val; otherwise val (GLA.FS.public/trainers/gla.py, build_model)."""
     task = color_task(per_class=6)
-    assert task_shots(task) == 6
+    assert task_shots(task.info()) == 6
     task.meta["shots"] = 32
-    assert task_shots(task) == 32
+    assert task_shots(task.info()) == 32
     lt = color_task(per_class=6)
     lt.splits["train"] = lt.splits["train"].subset([0, 1, 2, 6, 12])
-    assert task_shots(lt) is None
+    assert task_shots(lt.info()) is None
 
 
 def test_source_prior_by_the_loss_property(tmp_path: Path) -> None:

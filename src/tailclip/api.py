@@ -19,13 +19,15 @@ from .engine import distributed
 from .engine.checkpoint import save_checkpoint
 from .engine.evaluate import resolve_device
 from .engine.metrics import classification_metrics
-from .engine.runs import RunDir
+from .engine.runs import RunDir, logits_file
 from .errors import TailclipError
-from .io import atomic_save_tensors
+from .io import atomic_save_tensors, write_json
 from .methods import FitContext, Method, Predictions
 from .methods.loading import build, load_trained
 
 log = logging.getLogger(__name__)
+
+SHOT_INDICES = "shot_indices.json"
 
 
 def group_counts(task: Task) -> np.ndarray | None:
@@ -77,7 +79,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
         "model": method.backbone.spec,
         "preprocess": method.backbone.preprocess.to_dict(),
         "trainable_params": method.num_trainable(),
-        "task_meta": {k: v for k, v in ctx.task.meta.items() if k != "shot_indices"},
+        "task_meta": {k: v for k, v in ctx.task.meta.items() if k != "shot_indices"},  # (in shot_indices.json)
         "tailclip_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -88,7 +90,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
             log.warning("dataset %s has no %s split; not evaluated", ctx.task.name, split)
             continue
         preds = method.predict(ctx, split)
-        save_predictions(ctx.run_dir / f"logits_{split}.safetensors", preds)
+        save_predictions(ctx.run_dir / logits_file(split), preds)
         logits, labels, split_counts = restrict_to_label_space(ctx.task, split, preds, counts)
         metrics = classification_metrics(logits, labels, split_counts)
         metrics["skipped_images"] = preds.skipped
@@ -120,6 +122,9 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
                 "`tailclip train`, or evaluate a trained run with `tailclip eval --checkpoint RUN_DIR`"
             )
         log.info("method %s: %d trainable parameters", cfg.method, method.num_trainable())
+        if "shot_indices" in task.meta and distributed.is_main_process():
+            # the exact K-shot draw, so a run can be re-created with data.apply_shots(..., indices=...)
+            write_json(run_dir.path / SHOT_INDICES, task.meta["shot_indices"])
         method.fit(FitContext(cfg, task.guarded(), run_dir.path, device))
         ctx = FitContext(cfg, task, run_dir.path, device)
         if method.num_trainable() > 0:

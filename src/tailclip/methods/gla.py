@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..config import RunConfig, check_choice, check_range
-from ..data.base import Task
+from ..data.base import TaskInfo
 from ..engine.runs import RunDir, run_from_template
 from ..errors import ConfigError, TailclipError
 from ..features import method_features
@@ -88,14 +88,13 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float(logits.argmax(-1).eq(labels).float().mean())
 
 
-def task_shots(task: Task) -> int | None:
+def task_shots(info: TaskInfo) -> int | None:
     """K of a K-shot task: the drawn K, else the count of a train split with equally many images per class."""
-    if task.meta.get("shots") is not None:
-        return int(task.meta["shots"])
-    if "train" in task.splits:
-        counts = set(task.class_counts.tolist())
-        if len(counts) == 1:
-            return counts.pop()
+    if info.shots is not None:
+        return int(info.shots)
+    counts = set(info.class_counts.tolist())
+    if "train" in info.split_names and len(counts) == 1:
+        return counts.pop()
     return None
 
 
@@ -123,14 +122,14 @@ class GLA(Method):
     Config = GLAConfig
     inputs = "features"
 
-    def __init__(self, cfg: GLAConfig, backbone: Backbone, task: Task) -> None:
-        super().__init__(cfg, backbone, task)
+    def __init__(self, cfg: GLAConfig, backbone: Backbone, info: TaskInfo) -> None:
+        super().__init__(cfg, backbone, info)
         self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, task).float())
-        self.register_buffer("log_prior", torch.full((task.num_classes,), -float(np.log(task.num_classes))))
+        self.register_buffer("text_weights", zeroshot_weights(backbone, info).float())
+        self.register_buffer("log_prior", torch.full((info.num_classes,), -float(np.log(info.num_classes))))
         self.register_buffer("temperatures", torch.ones(2))  # (T_zs, T_ft)
-        self.register_buffer("log_source_prior", torch.zeros(task.num_classes))
-        self.register_buffer("log_target_prior", torch.zeros(task.num_classes))
+        self.register_buffer("log_source_prior", torch.zeros(info.num_classes))
+        self.register_buffer("log_target_prior", torch.zeros(info.num_classes))
         self._run: RunDir | None = None
         self._ft_method: Method | None = None
         self._info: dict[str, Any] = {}
@@ -192,7 +191,7 @@ class GLA(Method):
     def _fit_splits(self, ctx: FitContext, choice: str, key: str) -> list[str]:
         """The labelled splits a named choice (`train+val`, ...) stands for; each must exist."""
         if choice == "auto":  # the released code's rule (trainers/gla.py, build_model)
-            k = task_shots(ctx.task)
+            k = task_shots(self.info)
             choice = "train+val" if k is not None and k < PRIOR_ON_TRAIN_BELOW_K else "val"
         splits = choice.split("+")
         missing = [s for s in splits if s not in ctx.task.splits]
@@ -303,8 +302,8 @@ class WiSEFT(Method):
 
     Config = WiSEFTConfig
 
-    def __init__(self, cfg: WiSEFTConfig, backbone: Backbone, task: Task) -> None:
-        super().__init__(cfg, backbone, task)
+    def __init__(self, cfg: WiSEFTConfig, backbone: Backbone, info: TaskInfo) -> None:
+        super().__init__(cfg, backbone, info)
         from . import get_method
 
         if not cfg.finetuned_run:
@@ -312,7 +311,7 @@ class WiSEFT(Method):
         run = RunDir.existing(cfg.finetuned_run, "wise_ft.finetuned_run")
         weights = run.load_checkpoint_tensors()
         ft_cfg = run.load_config()
-        inner = get_method(ft_cfg.method)(ft_cfg.method_config(), backbone, task)
+        inner = get_method(ft_cfg.method)(ft_cfg.method_config(), backbone, info)
         start = inner.checkpoint_state()
         inner.load_checkpoint_state(interpolate_states(start, weights, cfg.alpha))
         inner.requires_grad_(False)
