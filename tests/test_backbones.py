@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from tailclip.backbones import HOOK_KINDS, create_backbone, list_models
-from tailclip.backbones.factory import file_sha256, resolve_pretrained_file
+from tailclip.backbones.fingerprint import file_sha256
+from tailclip.backbones.weights import resolve_pretrained_file
 from tailclip.errors import UnknownNameError, WeightsNotFoundError
 
 TOL = 1e-4

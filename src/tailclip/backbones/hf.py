@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from ..errors import WeightsNotFoundError
 from .base import Backbone, HookPoints, ImageFeatures, Preprocess
-from .factory import _cached_hf_file, combined_fingerprint, file_sha256, hf_cache_dirs, params_sha256
+from .fingerprint import combined_fingerprint, file_sha256, params_sha256
 from .openclip import BlockView, check_taps, run_blocks, run_blocks_fast, vit_tap_names
+from .weights import cached_hf_file, hf_cache_dirs
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def create_hf_backbone(name: str, cache_dir: str | None = None) -> HFClipBackbon
             raise WeightsNotFoundError(f"{name!r}: missing {', '.join(missing)} in {folder}")
         source = str(folder)
     else:
-        weights_str = next((w for f in _WEIGHT_FILES if (w := _cached_hf_file(ref, f, cache_dir))), None)
+        weights_str = next((w for f in _WEIGHT_FILES if (w := cached_hf_file(ref, f, cache_dir))), None)
         weights = Path(weights_str) if weights_str else None
         source = ref
     try:
