@@ -288,6 +288,7 @@ def build_openclip_model(model_cfg: dict[str, Any], weights: Path | None) -> nn.
         jit = is_torchscript_archive(weights)  # OpenAI's release format: torch.load refuses it with weights_only
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
             load_checkpoint(model, str(weights), strict=True, weights_only=not jit)
     return model.eval()
 
