@@ -4,7 +4,8 @@ identity (spec, fingerprint) travel with it.
 Name forms (also printed by `tailclip list models`):
   ARCH@TAG             open_clip architecture + pretrained tag    ViT-B-16@openai, RN50@openai
   ARCH@none            random init (benchmarks)                   ViT-B-16@none
-  ARCH@/path/file.pt   open_clip architecture + local checkpoint (.pt, .pth, .bin, .safetensors)
+  ARCH@/path/file.pt   open_clip architecture + local checkpoint (.pt, .pth, .bin, .safetensors); OpenAI's
+                       TorchScript release switches QuickGELU on, an undecidable file needs ARCH-quickgelu@...
   hf-hub:org/repo      open_clip model on the Hugging Face Hub (open_clip_config.json + weights)
   local-dir:PATH       a folder holding open_clip_config.json + weights (open_clip's local-dir: schema)
   hf:org/repo, hf:/dir transformers CLIPModel, local files only
