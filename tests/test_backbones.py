@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from tailclip.backbones import HOOK_KINDS, create_backbone, list_models
-from tailclip.backbones.factory import file_sha256, resolve_pretrained_file
+from tailclip.backbones.fingerprint import file_sha256
+from tailclip.backbones.weights import resolve_pretrained_file
 from tailclip.errors import UnknownNameError, WeightsNotFoundError
 
 TOL = 1e-4
@@ -60,6 +61,12 @@ def test_vit_b16_random_matches_open_clip() -> None:
         ref = b.model.encode_image(x)
     diff = (ours - ref).abs().max().item()
     assert diff <= TOL, diff
+    # the text tower from token embeddings (prompt learners) is open_clip's encode_text
+    tokens = b.tokenize(["a photo of a cat.", "a dog"])
+    with torch.no_grad():
+        ref_text = b.model.encode_text(tokens)
+        ours_text = b.encode_text_embeddings(b.token_embedding(tokens), b.eot_positions(tokens))
+    assert b.text_width == 512 and (ours_text - ref_text).abs().max().item() <= 1e-5
 
 
 def test_bf16_autocast_close_to_open_clip(tiny_backbone) -> None:
@@ -231,6 +238,68 @@ def test_hf_clip_matches_get_image_features(hf_dir: Path) -> None:
     assert (hooked - ref).abs().max().item() > 1e-3
     w = b.text_classifier(["cat", "dog"], ["a photo of a {}."])
     assert w.shape == (2, 16) and torch.allclose(w.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def _hf_text_ref(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model.get_text_features(input_ids=ids)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def test_hf_text_embeddings_equal_get_text_features(hf_dir: Path) -> None:
+    b = create_backbone(f"hf:{hf_dir}")
+    prompts = ["a photo of a cat.", "a dog", "a very long prompt about a small red triangle on a blue field."]
+    ids = b.tokenize(prompts)
+    tm = b.model.text_model
+    assert b.text_width == 32 and tm.eos_token_id == 49407
+    with torch.no_grad():
+        ref = _hf_text_ref(b.model, ids)
+        emb = b.token_embedding(ids)
+        ours = b.encode_text_embeddings(emb, b.eot_positions(ids))
+        assert (ours - ref).abs().max().item() <= 1e-5
+        assert (b.encode_text(prompts) - ref).abs().max().item() <= 1e-5
+        # padding that reuses the EOS id: HF pools at the first EOS, and so do we
+        padded = torch.tensor([[49406, 320, 1929, 49407, 49407, 49407]])
+        assert b.eot_positions(padded).tolist() == [3]
+        assert (b.encode_text_embeddings(b.token_embedding(padded), b.eot_positions(padded))
+                - _hf_text_ref(b.model, padded)).abs().max().item() <= 1e-5
+        tm.eos_token_id = 2  # configs from before transformers' PR #24773 pool at the largest id
+        try:
+            legacy = torch.tensor([[49406, 320, 49407, 0, 0]])
+            assert b.eot_positions(legacy).tolist() == [2]
+            assert (b.encode_text_embeddings(b.token_embedding(legacy), b.eot_positions(legacy))
+                    - _hf_text_ref(b.model, legacy)).abs().max().item() <= 1e-5
+        finally:
+            tm.eos_token_id = 49407
+
+
+def test_hf_parameter_groups_and_block_bias_step(hf_dir: Path) -> None:
+    """Full/BitFit/LN tuners select from block_named_parameters(): for HF towers exactly the encoder layers of the
+    vision model; one SGD step through tailclip's own forward changes exactly the unfrozen biases."""
+    b = create_backbone(f"hf:{hf_dir}")
+    blocks = dict(b.block_named_parameters())
+    vision = dict(b.vision_named_parameters())
+    layers = {"model.vision_model.encoder.layers." + n for n, _ in b.model.vision_model.encoder.layers.named_parameters()}
+    assert set(blocks) == layers
+    every = {"model." + n for n, _ in b.model.named_parameters()}
+    assert set(vision) == {n for n in every if n.startswith(("model.vision_model.", "model.visual_projection."))}
+    assert set(blocks) < set(vision) and not any("text" in n for n in vision)
+    # per layer: q/k/v/out + fc1/fc2 + 2 LayerNorm biases, widths 48 (96 for fc1): 3 layers
+    biases = {n: p for n, p in blocks.items() if n.endswith("bias")}
+    assert sum(p.numel() for p in biases.values()) == 3 * (4 * 48 + 96 + 48 + 2 * 48)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    for p in biases.values():
+        p.requires_grad_(True)
+    try:
+        opt = torch.optim.SGD(biases.values(), lr=0.1)
+        b.train()
+        b.encode_image(_images(2, 32)).proj.square().sum().backward()
+        opt.step()
+    finally:
+        for p in biases.values():
+            p.requires_grad_(False)
+    after = b.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(biases)
 
 
 # --------------------------------------------------------------------------------------------------

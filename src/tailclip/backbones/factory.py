@@ -4,36 +4,44 @@ identity (spec, fingerprint) travel with it.
 Name forms (also printed by `tailclip list models`):
   ARCH@TAG             open_clip architecture + pretrained tag    ViT-B-16@openai, RN50@openai
   ARCH@none            random init (benchmarks)                   ViT-B-16@none
-  ARCH@/path/file.pt   open_clip architecture + local checkpoint (.pt, .pth, .bin, .safetensors)
+  ARCH@/path/file.pt   open_clip architecture + local checkpoint (.pt, .pth, .bin, .safetensors); OpenAI's
+                       TorchScript release switches QuickGELU on, an undecidable file needs ARCH-quickgelu@...
   hf-hub:org/repo      open_clip model on the Hugging Face Hub (open_clip_config.json + weights)
   local-dir:PATH       a folder holding open_clip_config.json + weights (open_clip's local-dir: schema)
   hf:org/repo, hf:/dir transformers CLIPModel, local files only
   json:CFG.json[@W]    an open_clip model config JSON, random weights or weights file W (tests)
   synthetic:NAME       tailclip's built-in tiny CLIP (tailclip.synthetic.model_files)
 
-Weights are looked up locally first (open_clip's pretrained config -> Hugging Face cache file or URL cache);
-a download is attempted only when not offline, and any failure becomes a WeightsNotFoundError that names
-the missing file and how to point at a local copy, never a network stack trace."""
+Where weights are found (and the messages when they are not) lives in `weights.py`; fingerprints in
+`fingerprint.py`."""
 
 from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import logging
 import os
-import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from ..errors import UnknownNameError, WeightsNotFoundError
+from ..errors import ConfigError, UnknownNameError, WeightsNotFoundError
 from .base import Backbone, Preprocess
+from .fingerprint import combined_fingerprint, file_sha256, params_sha256
+from .hf import create_hf_backbone
+from .openclip import OpenClipBackbone
+from .weights import (
+    checkpoint_quick_gelu,
+    fetch_hf_file,
+    find_checkpoint_in_dir,
+    is_torchscript_archive,
+    resolve_pretrained_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +58,6 @@ NAME_FORMS = [
 ]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RANDOM_TAGS = ("none", "random")
-_HOW_TO_POINT = (
-    "To use a local copy, download it and pass `model.name=ARCH@/path/to/file` (a checkpoint file), "
-    "`model.name=local-dir:DIR` (a folder with open_clip_config.json + weights) or `model.cache_dir=DIR` "
-    "(a Hugging Face cache or a plain folder holding the file)."
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,8 +93,6 @@ def create_backbone(name: str, cache_dir: str | None = None, device: str | torch
     elif name.startswith("local-dir:"):
         backbone = _from_local_dir(name)
     elif name.startswith("hf:"):
-        from .hf import create_hf_backbone
-
         backbone = create_hf_backbone(name, cache_dir=cache_dir)
     elif "@" in name:
         backbone = _from_arch(name, cache_dir)
@@ -144,6 +145,8 @@ def _from_arch(name: str, cache_dir: str | None) -> Backbone:
                 f"{'/'.join(CHECKPOINT_SUFFIXES)} file, or use ARCH@TAG for a released checkpoint"
             )
         weights = path
+        if not model_cfg.get("quick_gelu") and _path_quick_gelu(arch, path, known):
+            model_cfg["quick_gelu"] = True
     else:
         pcfg = open_clip.get_pretrained_cfg(arch, tag)
         if not pcfg:
@@ -162,6 +165,26 @@ def _from_arch(name: str, cache_dir: str | None) -> Backbone:
             "weights": str(weights) if weights else None}
     tokenizer = _tokenizer(model_cfg, builtin_arch=arch, cache_dir=cache_dir)
     return _wrap(model, model_cfg, tokenizer, name, spec, preprocess_overlay, weights)
+
+
+def _path_quick_gelu(arch: str, path: Path, known: list[str]) -> bool:
+    """QuickGELU for a checkpoint file given as ARCH@/path, as `ARCH@openai` switches it on for OpenAI's weights
+    (open_clip builds ARCH with GELU; the wrong activation shifts features by ~2e-2). Refuses when the file cannot
+    tell, so the activation is never guessed silently."""
+    quick = checkpoint_quick_gelu(arch, path)
+    if quick is None:
+        explicit = f"{arch}-quickgelu" if f"{arch}-quickgelu" in known else None
+        say_quick = (f"`{explicit}@{path}`" if explicit
+                     else 'a `json:CONFIG.json@PATH` config with "quick_gelu": true')
+        raise ConfigError(
+            f"cannot tell whether {path} holds weights trained with QuickGELU (OpenAI, DFN, MetaCLIP releases of "
+            f"{arch}) or with GELU: it is a plain state dict in OpenAI's key layout. Say it explicitly: {say_quick} "
+            f"for QuickGELU weights; for GELU weights use `local-dir:DIR` (open_clip_config.json next to the file) "
+            f"or `json:CONFIG.json@{path}`."
+        )
+    if quick:
+        log.info("%s: OpenAI-layout / QuickGELU checkpoint, building %s with QuickGELU", path, arch)
+    return quick
 
 
 def _looks_like_path(tag: str) -> bool:
@@ -195,7 +218,7 @@ def _from_local_dir(name: str) -> Backbone:
     config = json.loads(cfg_path.read_text())
     if "model_cfg" not in config:
         raise WeightsNotFoundError(f"{cfg_path} has no 'model_cfg' entry (open_clip_config.json format)")
-    weights = _find_checkpoint_in_dir(folder)
+    weights = find_checkpoint_in_dir(folder)
     if weights is None:
         raise WeightsNotFoundError(
             f"{name!r}: no weights in {folder}; expected one of open_clip_model.safetensors, "
@@ -263,7 +286,11 @@ def build_openclip_model(model_cfg: dict[str, Any], weights: Path | None) -> nn.
         raise WeightsNotFoundError(f"could not build the text tower offline: {e}") from None
     if weights is not None:
         log.info("loading weights from %s", weights)
-        load_checkpoint(model, str(weights), strict=True)
+        jit = is_torchscript_archive(weights)  # OpenAI's release format: torch.load refuses it with weights_only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
+            load_checkpoint(model, str(weights), strict=True, weights_only=not jit)
     return model.eval()
 
 
@@ -321,8 +348,6 @@ def _wrap(
     preprocess_overlay: dict[str, Any],
     weights: Path | None,
 ) -> Backbone:
-    from .openclip import OpenClipBackbone
-
     preprocess = _preprocess(model, preprocess_overlay)
     spec = {**spec, "preprocess": preprocess.to_dict()}
     spec.setdefault("model_cfg", model_cfg)
@@ -332,176 +357,3 @@ def _wrap(
         return combined_fingerprint(weights_id, model_cfg, "open_clip")
 
     return OpenClipBackbone(model, tokenizer, name, preprocess, spec, fingerprint)
-
-
-def _find_checkpoint_in_dir(folder: Path) -> Path | None:
-    """The weights file of a local-dir: folder, preferring open_clip's own names and safetensors."""
-    preferred = [
-        "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-        "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
-    ]
-    for fname in preferred:
-        if (folder / fname).is_file():
-            return folder / fname
-    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt") for p in folder.glob(ext))
-    if len(found) > 1:
-        log.warning("several checkpoints in %s: %s; using %s", folder, [p.name for p in found], found[0].name)
-    return found[0] if found else None
-
-
-# --------------------------------------------------------------------------------------------------
-# offline-first weight resolution
-# --------------------------------------------------------------------------------------------------
-def _env_true(var: str) -> bool:
-    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def is_offline(host: str = "huggingface.co") -> bool:
-    """Offline when the user says so (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, TAILCLIP_OFFLINE) or when `host`
-    cannot be reached within a few seconds: then we fail at once with a clear message instead of letting a
-    download library retry for half a minute."""
-    if any(_env_true(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TAILCLIP_OFFLINE")):
-        return True
-    try:
-        with socket.create_connection((host, 443), timeout=3):
-            return False
-    except OSError:
-        return True
-
-
-def hf_cache_dirs(cache_dir: str | None) -> list[Path]:
-    """Where Hugging Face files may already be: `cache_dir` (an HF cache), then the default HF hub cache
-    (read from the environment at call time, so HF_HOME / HF_HUB_CACHE set after import still count)."""
-    dirs = [Path(cache_dir).expanduser()] if cache_dir else []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]).expanduser())
-    else:
-        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-        dirs.append(Path(home).expanduser() / "hub")
-    return dirs
-
-
-def _cached_hf_file(repo: str, filename: str, cache_dir: str | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for folder in hf_cache_dirs(cache_dir):
-        found = try_to_load_from_cache(repo, filename, cache_dir=str(folder))
-        if isinstance(found, str) and os.path.isfile(found):
-            return found
-    if cache_dir and (Path(cache_dir).expanduser() / filename).is_file():  # a plain folder holding the file
-        return str(Path(cache_dir).expanduser() / filename)
-    return None
-
-
-def fetch_hf_file(name: str, repo: str, filenames: list[str], cache_dir: str | None) -> str:
-    """The first of `filenames` from HF repo `repo`: local cache first, then a download unless offline."""
-    for fname in filenames:
-        found = _cached_hf_file(repo, fname, cache_dir)
-        if found:
-            return found
-    error = ""
-    if not is_offline():
-        from huggingface_hub import hf_hub_download
-
-        for fname in filenames:
-            try:
-                return hf_hub_download(repo_id=repo, filename=fname, cache_dir=cache_dir)
-            except Exception as e:  # noqa: BLE001 - reported below as a missing file, not a stack trace
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    raise WeightsNotFoundError(_missing_message(name, [f"{' or '.join(filenames)} from Hugging Face repo {repo}"],
-                                                cache_dir, error))
-
-
-def resolve_pretrained_file(name: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
-    """Local path of an open_clip pretrained checkpoint (pretrained cfg: hf_hub 'org/repo/[file]' and/or url)."""
-    from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import _get_safe_alternatives
-
-    if pcfg.get("file"):
-        if os.path.isfile(pcfg["file"]):
-            return pcfg["file"]
-        raise WeightsNotFoundError(_missing_message(name, [pcfg["file"]], cache_dir))
-    wanted: list[str] = []
-    repo, hf_names = "", []
-    if pcfg.get("hf_hub"):
-        repo, fname = os.path.split(pcfg["hf_hub"])  # 'org/repo/' (default file) or 'org/repo/file.bin'
-        fname = fname or HF_WEIGHTS_NAME
-        hf_names = [*_get_safe_alternatives(fname), fname]
-        for fn in hf_names:
-            found = _cached_hf_file(repo, fn, cache_dir)
-            if found:
-                return found
-        wanted.append(f"{' or '.join(hf_names)} from Hugging Face repo {repo}")
-    url = pcfg.get("url", "")
-    if url:
-        fname = os.path.basename(urlparse(url).path)
-        for folder in [cache_dir, os.path.expanduser("~/.cache/clip")]:
-            if folder and (Path(folder).expanduser() / fname).is_file():
-                return str(Path(folder).expanduser() / fname)
-        wanted.append(url)
-    error = ""
-    if repo and not is_offline():
-        from huggingface_hub import hf_hub_download
-
-        for fn in hf_names:
-            try:
-                return hf_hub_download(repo_id=repo, filename=fn, cache_dir=cache_dir)
-            except Exception as e:  # noqa: BLE001
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    elif url and not is_offline(urlparse(url).hostname or ""):
-        from open_clip.pretrained import download_pretrained_from_url
-
-        try:
-            return download_pretrained_from_url(url, cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    raise WeightsNotFoundError(_missing_message(name, wanted, cache_dir, error))
-
-
-def _missing_message(name: str, wanted: list[str], cache_dir: str | None, error: str = "") -> str:
-    where = ", ".join(str(d) for d in hf_cache_dirs(cache_dir))
-    why = f"download failed ({error})" if error else "offline (no download attempted)"
-    return (
-        f"weights for {name!r} are not available locally: missing {'; or '.join(wanted)} "
-        f"(looked in {where}; {why}). {_HOW_TO_POINT}"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# fingerprints (key the feature cache)
-# --------------------------------------------------------------------------------------------------
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path | str) -> str:
-    """sha256 of a weights file. Files in a Hugging Face cache are blobs named by their sha256 (LFS), so those
-    cost nothing; others are hashed once per (path, size, mtime) in this process."""
-    real = os.path.realpath(path)
-    blob = os.path.basename(real)
-    if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) and os.sep + "blobs" + os.sep in real:
-        return blob
-    st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 23), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def params_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes, bytes): identifies random-weight models."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def combined_fingerprint(weights_id: str, model_cfg: Any, impl: str) -> str:
-    """Weights alone do not fix the features (e.g. QuickGELU vs GELU with the same file): hash both."""
-    payload = json.dumps({"weights": weights_id, "model_cfg": model_cfg, "impl": impl}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,7 +1,9 @@
 """Hugging Face `transformers.CLIPModel` behind the Backbone contract, local files only.
 
 The vision tower runs the same block loop (and hook points) as the open_clip ViT; HF keeps q/k/v as three
-projections, so the fused (B, N, 3d) q/k/v the `qkv` hook sees is built by concatenating their weights."""
+projections, so the fused (B, N, 3d) q/k/v the `qkv` hook sees is built by concatenating their weights. The text
+tower runs the same loop with causal attention, from token embeddings on (prompt learning), so its forward does
+not depend on how the installed transformers version builds masks; only its pooling rule is read from HF."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from torch import Tensor, nn
 
 from ..errors import WeightsNotFoundError
 from .base import Backbone, HookPoints, ImageFeatures, Preprocess
-from .factory import _cached_hf_file, combined_fingerprint, file_sha256, hf_cache_dirs, params_sha256
+from .fingerprint import combined_fingerprint, file_sha256, params_sha256
 from .openclip import BlockView, check_taps, run_blocks, run_blocks_fast, vit_tap_names
+from .weights import cached_hf_file, hf_cache_dirs
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +55,13 @@ def _hf_block_view(layer: nn.Module) -> BlockView:
     )
 
 
-def _first(output: Any) -> Tensor:
-    """transformers 4.x returns a tensor from get_*_features, 5.x a ModelOutput with the projection in pooler_output."""
-    return output if isinstance(output, Tensor) else output.pooler_output
-
-
 class HFClipBackbone(Backbone):
     """A frozen transformers CLIPModel with tailclip's ViT forward (hooks and taps as for open_clip)."""
 
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Callable[[Sequence[str]], dict[str, Tensor]],
+        tokenizer: Callable[[Sequence[str]], Tensor],
         name: str,
         preprocess: Preprocess,
         spec: dict[str, Any],
@@ -80,6 +78,7 @@ class HFClipBackbone(Backbone):
         self.arch = "vit"
         self.width = int(vcfg.hidden_size)
         self.embed_dim = int(model.config.projection_dim)
+        self.text_width = int(model.config.text_config.hidden_size)
         self.num_blocks = int(vcfg.num_hidden_layers)
         self.patch_size = int(vcfg.patch_size)
         self.logit_scale = float(model.logit_scale.detach().exp().item())
@@ -102,12 +101,13 @@ class HFClipBackbone(Backbone):
     def visual_proj(self) -> Tensor:
         return self.model.visual_projection.weight.t()
 
-    def tap_names(self) -> list[str]:
-        return list(self._tap_names)
-
     def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         layers = self.model.vision_model.encoder.layers
         yield from (("model.vision_model.encoder.layers." + n, p) for n, p in layers.named_parameters())
+
+    def vision_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from (("model.vision_model." + n, p) for n, p in self.model.vision_model.named_parameters())
+        yield from (("model.visual_projection." + n, p) for n, p in self.model.visual_projection.named_parameters())
 
     def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:
         wanted = check_taps(taps, self._tap_names) if taps else set()
@@ -121,12 +121,38 @@ class HFClipBackbone(Backbone):
         pooled = vm.post_layernorm(x[:, 0])
         return ImageFeatures(pre_proj=pooled, proj=self.model.visual_projection(pooled), taps=tapped)
 
-    def tokenize(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        device = self.model.logit_scale.device
-        return {k: v.to(device) for k, v in self.tokenizer(list(prompts)).items()}
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        return self.tokenizer(list(prompts)).to(self.model.logit_scale.device)
 
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        return _first(self.model.get_text_features(**self.tokenize(prompts)))
+        """(N, D) un-normalised text features, equal to CLIPModel.get_text_features on the same ids."""
+        ids = self.tokenize(prompts)
+        return self.encode_text_embeddings(self.token_embedding(ids), self.eot_positions(ids))
+
+    def token_embedding(self, token_ids: Tensor) -> Tensor:
+        return self.model.text_model.embeddings.token_embedding(token_ids)
+
+    def eot_positions(self, token_ids: Tensor) -> Tensor:
+        """HF CLIP's pooling rule: configs with the legacy eos_token_id 2 pool at the largest id (argmax), others
+        at the first `eos_token_id` (padding may reuse that id, so the first occurrence)."""
+        eos = getattr(self.model.text_model, "eos_token_id", self.model.config.text_config.eos_token_id)
+        ids = token_ids.to(torch.int)
+        return ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
+
+    def encode_text_embeddings(self, token_embeddings: Tensor, eot_positions: Tensor) -> Tensor:
+        """CLIPTextModel's forward from the token embeddings on: position embeddings, the encoder under a causal
+        mask (padding never reaches the pooled token, so no padding mask is needed), final LayerNorm, the feature
+        at `eot_positions`, text_projection."""
+        tm = self.model.text_model
+        n = token_embeddings.shape[1]
+        pos = tm.embeddings.position_embedding.weight
+        if n > pos.shape[0]:
+            raise ValueError(f"{n} token embeddings exceed the context length {pos.shape[0]}")
+        x = token_embeddings + pos[:n]
+        x = run_blocks_fast(x, [_hf_block_view(layer) for layer in tm.encoder.layers], causal=True)
+        x = tm.final_layer_norm(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_positions.to(x.device)]
+        return self.model.text_projection(x)
 
 
 def _make_tokenizer(source: str, cache_dir: str | None, context_length: int) -> Callable:
@@ -137,17 +163,16 @@ def _make_tokenizer(source: str, cache_dir: str | None, context_length: int) -> 
 
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True, cache_dir=cache_dir)
 
-        def hf_tokenize(prompts: Sequence[str]) -> dict[str, Tensor]:
+        def hf_tokenize(prompts: Sequence[str]) -> Tensor:
             enc = tok(list(prompts), padding=True, truncation=True, max_length=context_length, return_tensors="pt")
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            return enc["input_ids"]
 
         return hf_tokenize
     except Exception as e:  # noqa: BLE001 - no tokenizer files: fall back, say so in the log
         log.info("no local tokenizer files for %s (%s); using open_clip's CLIP BPE tokenizer", source, type(e).__name__)
         from open_clip.tokenizer import SimpleTokenizer
 
-        simple = SimpleTokenizer(context_length=context_length)
-        return lambda prompts: {"input_ids": simple(list(prompts))}
+        return SimpleTokenizer(context_length=context_length)
 
 
 def _preprocess(source: str, cache_dir: str | None, image_size: int) -> Preprocess:
@@ -183,7 +208,7 @@ def create_hf_backbone(name: str, cache_dir: str | None = None) -> HFClipBackbon
             raise WeightsNotFoundError(f"{name!r}: missing {', '.join(missing)} in {folder}")
         source = str(folder)
     else:
-        weights_str = next((w for f in _WEIGHT_FILES if (w := _cached_hf_file(ref, f, cache_dir))), None)
+        weights_str = next((w for f in _WEIGHT_FILES if (w := cached_hf_file(ref, f, cache_dir))), None)
         weights = Path(weights_str) if weights_str else None
         source = ref
     try:

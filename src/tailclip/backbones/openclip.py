@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .base import HOOK_KINDS, Backbone, HookPoints, ImageFeatures, Preprocess
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class BlockView:
     heads: int
 
 
-def attention(qkv: Tensor, heads: int) -> Tensor:
-    """Multi-head self-attention from a fused (B, N, 3d) q/k/v tensor.
+def attention(qkv: Tensor, heads: int, causal: bool = False) -> Tensor:
+    """Multi-head self-attention from a fused (B, N, 3d) q/k/v tensor (`causal`: each token sees only itself
+    and earlier tokens, as in CLIP's text tower).
 
     On CPU in reduced precision (bf16/fp16 autocast) q/k/v are made contiguous (one copy of the permuted
     tensor) before `scaled_dot_product_attention`: the CPU kernels are several times slower on the strided
@@ -55,14 +57,14 @@ def attention(qkv: Tensor, heads: int) -> Tensor:
     if qkv.device.type == "cpu" and qkv.dtype != torch.float32:
         qkv = qkv.contiguous()
     q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return o.transpose(1, 2).reshape(b, n, d)
 
 
-def run_blocks_fast(x: Tensor, blocks: Sequence[BlockView]) -> Tensor:
+def run_blocks_fast(x: Tensor, blocks: Sequence[BlockView], causal: bool = False) -> Tensor:
     """The block loop with no hooks and no taps: nothing but the arithmetic."""
     for blk in blocks:
-        x = x + blk.ls_1(blk.out(attention(blk.qkv(blk.ln_1(x)), blk.heads)))
+        x = x + blk.ls_1(blk.out(attention(blk.qkv(blk.ln_1(x)), blk.heads, causal)))
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     return x
 
@@ -158,9 +160,21 @@ def _unsupported_vit_reason(visual: nn.Module) -> str | None:
     return None
 
 
+def _causal_text_reason(model: nn.Module) -> str | None:
+    """Why the text tower is not CLIP's causal tower pooled at a token position (None: it is)."""
+    if not hasattr(model, "token_embedding"):
+        return f"a separate text module ({type(getattr(model, 'text', None)).__name__})"
+    if getattr(model, "attn_mask", None) is None:
+        return "no causal attention mask"
+    if getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return f"text pooling {getattr(model, 'text_pool_type', None)!r}"
+    return None
+
+
 class OpenClipBackbone(Backbone):
     """A frozen open_clip CLIP. ViT towers run our own forward with hook points; ResNet towers expose
-    layer1..layer4 taps and their attention pool; anything else falls back to open_clip's forward."""
+    layer1..layer4 taps and their attention pool; anything else falls back to open_clip's forward. The
+    standard causal text tower (CLIP class) also runs from token embeddings (prompt learning)."""
 
     def __init__(
         self,
@@ -187,6 +201,10 @@ class OpenClipBackbone(Backbone):
         self.logit_scale = float(model.logit_scale.detach().exp().item())
         self._own_vit = False  # True: our block loop runs this tower
         self._fallback = False
+        self._text_reason = _causal_text_reason(model)  # None: encode_text_embeddings is available
+        text_owner = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        emb = getattr(text_owner, "token_embedding", None)
+        self.text_width = int(emb.embedding_dim) if isinstance(emb, nn.Embedding) else 0
 
         if isinstance(visual, VisionTransformer):
             self.arch = "vit"
@@ -254,11 +272,7 @@ class OpenClipBackbone(Backbone):
 
     @property
     def attnpool(self) -> nn.Module | None:
-        """ResNet attention pool (LDC uses it as the frozen projection of fused feature maps)."""
         return self.model.visual.attnpool if self.arch == "resnet" else None
-
-    def tap_names(self) -> list[str]:
-        return list(self._tap_names)
 
     def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         visual = self.model.visual
@@ -269,6 +283,9 @@ class OpenClipBackbone(Backbone):
                 yield from ((f"model.visual.{stage}.{n}", p) for n, p in getattr(visual, stage).named_parameters())
         else:
             raise RuntimeError(f"{self.name}: this vision tower has no transformer blocks tailclip can address")
+
+    def vision_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from (("model.visual." + n, p) for n, p in self.model.visual.named_parameters())
 
     # -- image tower ------------------------------------------------------------------------------
     def encode_image(self, images: Tensor, taps: Sequence[str] = ()) -> ImageFeatures:
@@ -309,31 +326,49 @@ class OpenClipBackbone(Backbone):
 
     # -- text tower -------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        """Token ids on the model's device (for methods that run the text tower themselves, e.g. CoOp)."""
         return self.tokenizer(list(prompts)).to(self.model.logit_scale.device)
 
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        """(N, D) un-normalised text features (open_clip's encode_text, on tokens cut after the pooled token)."""
-        return self.encode_tokens(self.tokenize(prompts))
-
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
-        """open_clip's `encode_text`, but for the standard causal text tower pooled at the EOT token we drop the
-        padding after the last pooled position first: with a causal mask those positions never influence the
-        pooled one, so the result is the same and prompt ensembles get several times cheaper."""
-        m = self.model
-        pool = getattr(m, "text_pool_type", None)
-        if getattr(m, "attn_mask", None) is None or pool not in ("argmax", "eos") or not hasattr(m, "token_embedding"):
-            return m.encode_text(tokens)
-        if pool == "argmax":
-            pos = tokens.argmax(dim=-1)
-        else:
-            pos = (tokens == m.text_eos_id).int().argmax(dim=-1)
+        """(N, D) un-normalised text features: open_clip's encode_text, except that for the causal text tower
+        the padding after the last pooled token is dropped first. With a causal mask those positions never
+        influence the pooled one, so the result is the same and prompt ensembles get several times cheaper."""
+        tokens = self.tokenize(prompts)
+        if self._text_reason is not None:
+            return self.model.encode_text(tokens)
+        pos = self.eot_positions(tokens)
         n = int(pos.max().item()) + 1
+        return self.encode_text_embeddings(self.token_embedding(tokens[:, :n]), pos)
+
+    def _causal_text(self) -> nn.Module:
+        if self._text_reason is not None:
+            raise ConfigError(
+                f"{self.name}: running the text tower from token embeddings (prompt learning) needs CLIP's causal "
+                f"text tower pooled at the end-of-text token; this model has {self._text_reason}"
+            )
+        return self.model
+
+    def token_embedding(self, token_ids: Tensor) -> Tensor:
+        return self._causal_text().token_embedding(token_ids)
+
+    def eot_positions(self, token_ids: Tensor) -> Tensor:
+        """open_clip's text pooling: "argmax" (the EOT token has the largest id) or the first `text_eos_id`."""
+        m = self._causal_text()
+        if m.text_pool_type == "argmax":
+            return token_ids.argmax(dim=-1)
+        return (token_ids == m.text_eos_id).int().argmax(dim=-1)
+
+    def encode_text_embeddings(self, token_embeddings: Tensor, eot_positions: Tensor) -> Tensor:
+        """open_clip's CLIP.encode_text from the token embeddings on: cast to the tower's dtype, positional
+        embedding, transformer under the causal mask, ln_final, pooling at `eot_positions`, text projection."""
+        m = self._causal_text()
+        n = token_embeddings.shape[1]
+        if n > m.positional_embedding.shape[0]:
+            raise ValueError(f"{n} token embeddings exceed the context length {m.positional_embedding.shape[0]}")
         cast_dtype = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens[:, :n]).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
+        x = token_embeddings.to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
         x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
         x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), pos]
+        x = x[torch.arange(x.shape[0], device=x.device), eot_positions.to(x.device)]
         if m.text_projection is not None:
             x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
         return x
