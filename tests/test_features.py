@@ -99,6 +99,14 @@ def test_stale_entries_are_rebuilt(tiny_backbone, cache_dir: Path, caplog: pytes
     # 3. other precision: same folder, different key -> rebuilt
     split_features(bb, task, "test", batch_size=32, precision="amp_bf16")
     assert bb.calls == 4
+    # 4. an entry of the previous format (no per-tensor files, version 1) -> rebuilt, saying why
+    manifest = json.loads(manifest_path.read_text())
+    manifest["key"]["version"] = 1
+    del manifest["key"]["tensors"], manifest["files"]
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    split_features(bb, task, "test", batch_size=32, precision="amp_bf16")
+    assert bb.calls == 5 and "differs in ['version']" in caplog.text
 
 
 def test_augmented_views_are_reproducible(tiny_backbone, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_features import CountingBackbone, color_task
 
+from tailclip.data.base import ArrayImages, Split
 from tailclip.data.transforms import eval_transform
-from tailclip.errors import ConfigError, UnknownNameError
+from tailclip.errors import ConfigError, CorruptImageError, UnknownNameError
 from tailclip.features import AugSpec, FeatureCache, method_features, method_views, split_features, split_views
 from tailclip.features.extract import SeededViewImages
 
@@ -211,3 +212,29 @@ def test_method_side_calls(tiny_backbone, tmp_path: Path) -> None:
     direct = split_features(tiny_backbone, task, "train", view="aug1", transform=AugSpec(scale=(0.8, 1.0)),
                             cache=FeatureCache(tmp_path / "other"))
     assert torch.equal(views[1].proj, direct.proj)
+
+
+class _BrokenAt(ArrayImages):
+    """Array images of which some cannot be decoded."""
+
+    def __init__(self, array, name: str, broken: set[int]) -> None:
+        super().__init__(array, name)
+        self.broken = broken
+
+    def load(self, index: int):
+        if index in self.broken:
+            raise CorruptImageError(self.ident(index), "test")
+        return super().load(index)
+
+
+def test_views_and_skips_do_not_depend_on_workers(tiny_backbone, tmp_path: Path) -> None:
+    """Crops are drawn per image, so DataLoader workers give the same view; skipped images are found from the
+    rows themselves (workers' own `bad` lists never reach the main process)."""
+    task = color_task(per_class=3)
+    train = task.splits["train"]
+    task.splits["train"] = Split(_BrokenAt(train.images.array, "arr", {3, 5}), train.labels)
+    sets = [split_features(tiny_backbone, task, "train", view="aug2", num_workers=w, batch_size=4,
+                           on_bad_image="skip", cache=FeatureCache(tmp_path / str(w))) for w in (0, 2)]
+    for fs in sets:
+        assert fs.skipped == ["arr[3]", "arr[5]"] and fs.indices.tolist() == [0, 1, 2, 4, *range(6, 12)]
+    torch.testing.assert_close(sets[0].proj, sets[1].proj, rtol=1e-5, atol=1e-5)

@@ -255,14 +255,17 @@ class FeatureCache:
         try:
             manifest = json.loads(manifest_path.read_text())
             stored_key = dict(manifest["key"])
-            stored = dict(stored_key.pop("tensors"))
-            rows, files = int(manifest["rows"]), manifest["files"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise StaleCacheError(f"unreadable manifest {manifest_path}: {exc!r}") from None
+        stored = stored_key.pop("tensors", None)
         want = key.base()
-        if stored_key != want:
+        if stored_key != want:  # an older format version lands here too (it names `version`)
             diff = sorted(k for k in set(stored_key) | set(want) if stored_key.get(k) != want.get(k))
             raise StaleCacheError(f"manifest key differs in {diff}")
+        try:
+            stored, rows, files = dict(stored), int(manifest["rows"]), dict(manifest["files"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StaleCacheError(f"incomplete manifest {manifest_path}: {exc!r}") from None
         missing = [n for n, d in key.tensors.items() if stored.get(n) != d]
         if missing:
             raise IncompleteEntryError(stored, missing)
