@@ -46,9 +46,9 @@ class CountingBackbone:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def encode_image(self, images: torch.Tensor):
+    def encode_image(self, images: torch.Tensor, taps=()):
         self.calls += 1
-        return self.inner.encode_image(images)
+        return self.inner.encode_image(images, taps=taps)
 
 
 def test_hit_miss_and_values(tiny_backbone, cache_dir: Path) -> None:
@@ -90,15 +90,23 @@ def test_stale_entries_are_rebuilt(tiny_backbone, cache_dir: Path, caplog: pytes
     again = split_features(bb, task, "test", batch_size=32)
     assert bb.calls == 2 and "stale" in caplog.text and "preprocess" in caplog.text
     torch.testing.assert_close(again.proj, fs.proj)
-    # 2. a truncated shard -> rebuilt, and the old shard files are gone
-    shard = next(fs.path.glob("shard-*.safetensors"))
+    # 2. a truncated file -> rebuilt, and the old files are gone
+    shard = next(fs.path.glob("proj-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])
     split_features(bb, task, "test", batch_size=32)
     assert bb.calls == 3
-    assert len(list(fs.path.glob("shard-*.safetensors"))) == 1
+    assert len(list(fs.path.glob("*.safetensors"))) == 4 and not shard.exists()
     # 3. other precision: same folder, different key -> rebuilt
     split_features(bb, task, "test", batch_size=32, precision="amp_bf16")
     assert bb.calls == 4
+    # 4. an entry of the previous format (no per-tensor files, version 1) -> rebuilt, saying why
+    manifest = json.loads(manifest_path.read_text())
+    manifest["key"]["version"] = 1
+    del manifest["key"]["tensors"], manifest["files"]
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    split_features(bb, task, "test", batch_size=32, precision="amp_bf16")
+    assert bb.calls == 5 and "differs in ['version']" in caplog.text
 
 
 def test_augmented_views_are_reproducible(tiny_backbone, tmp_path: Path) -> None:
@@ -112,20 +120,24 @@ def test_augmented_views_are_reproducible(tiny_backbone, tmp_path: Path) -> None
     assert len({a0.path, a1.path, ev.path}) == 3
 
 
-def test_shards_split_large_entries(tmp_path: Path) -> None:
+def test_batches_stream_into_one_file_per_tensor(tmp_path: Path) -> None:
+    """Batches are appended to one file per tensor: every tensor reads back whole, from a single mapping."""
     key = CacheKey("bb", "ds", "train", "fp", "eval")
-    cache = FeatureCache(tmp_path, shard_rows=5)
+    cache = FeatureCache(tmp_path)
 
-    def build():
+    def build(k: CacheKey):
+        assert k == key
         for start in range(0, 12, 4):
             idx = torch.arange(start, start + 4)
             yield {"proj": idx[:, None].float().repeat(1, 3), "pre_proj": idx[:, None].float().repeat(1, 2),
                    "labels": idx % 3, "indices": idx}
 
     fs = cache.get_or_build(key, build)
-    assert len(list(fs.path.glob("shard-*.safetensors"))) == 2  # 8 + 4 rows
+    assert sorted(p.name.split("-")[0] for p in fs.path.glob("*.safetensors")) == ["indices", "labels", "pre_proj",
+                                                                                   "proj"]
     assert fs.proj.shape == (12, 3) and fs.pre_proj.shape == (12, 2)
-    assert torch.equal(fs.indices, torch.arange(12))
+    assert torch.equal(fs.proj[:, 0], torch.arange(12.0)) and torch.equal(fs.indices, torch.arange(12))
+    assert torch.equal(fs.labels, torch.arange(12) % 3)
 
 
 WORKER = textwrap.dedent(
@@ -136,7 +148,7 @@ WORKER = textwrap.dedent(
 
     root, log = sys.argv[1], Path(sys.argv[2])
 
-    def build():
+    def build(key):
         with log.open("a") as fh:
             fh.write("build\\n")
         for i in range(3):
@@ -195,4 +207,4 @@ def test_extract_command(tiny_vit_json: Path, tmp_path: Path) -> None:
                              f"linear_probe.feature_cache={tmp_path / 'c'}"])
     paths = extract_from_config(cfg, ["train", "test", "nope"], views=2)
     assert len(paths) == 4 and all((p / "manifest.json").is_file() for p in paths)
-    assert {p.name for p in paths} == {"eval", "aug0", "aug1"}
+    assert sorted(p.name.split("-")[0] for p in paths) == ["aug0", "aug1", "eval", "eval"]

@@ -1,14 +1,25 @@
-"""On-disk cache of frozen image features: safetensors shards plus a JSON manifest per entry.
+"""On-disk cache of frozen image features: one safetensors file per named tensor plus a JSON manifest per entry.
 
-An entry is keyed by the backbone fingerprint, the dataset, the split (and its content fingerprint) and the
-view (eval view or augmented view k); its manifest also records the preprocessing, the transform, the
-precision and the format version. A manifest that disagrees with the key we expect, or shards that are
-missing or of the wrong shape, make the entry *stale*: it is rebuilt, never silently reused.
+An entry holds, per image of one split under one view, a dict of named tensors (`pre_proj`, `proj` and any
+backbone taps such as `blocks.5` or `layer3`) plus `labels` and `indices`, all row-aligned. It is keyed by
+the backbone fingerprint, the dataset, the split (and its content fingerprint), the view, the preprocessing,
+the view's transform (augmentation parameters and seed), the autocast precision and the format version —
+and by *what was extracted*: `CacheKey.tensors` maps each tensor name to its storage dtype. A request is a
+hit when the stored entry has the same base key and stores every requested tensor in the requested dtype;
+it then reads exactly the requested tensors. An entry that lacks a requested tensor (or stores it in another
+dtype) is a miss that *extends* the entry: it is re-extracted with the union of what it stored and what is
+asked, in one backbone pass, so requests for different taps do not evict each other and every tensor of an
+entry comes from the same pass. A manifest whose base key disagrees, or files that are missing, truncated
+or of the wrong shape or dtype, make the entry *stale*: it is rebuilt with a warning, never silently reused.
 
-Writes are atomic (shards and manifest are written to temp files and renamed; the manifest is written last,
-so a reader sees either the old complete entry or the new complete one) and builds are serialised across
-processes with a file lock, so two processes extracting the same entry build it once. Reads go through
-`safetensors.safe_open`, which memory-maps the shard files.
+Each tensor is streamed into its own file while the backbone runs (bounded memory however large the taps),
+so reading never concatenates shards: `safetensors.safe_open` memory-maps the file (private, copy-on-write
+mapping) and the returned tensor is a view of that mapping — nothing is read until rows are touched, and a
+consumer writing into it changes its own pages, never the file.
+
+Writes are atomic (each file is written under a temp name and renamed; the manifest is written last, so a
+reader sees either the old complete entry or the new complete one) and builds are serialised across
+processes with a file lock, so two processes extracting the same entry build it once.
 
 Location: `$TAILCLIP_CACHE` if set, else `~/.cache/tailclip/features`; a method's `feature_cache` option
 overrides both.
@@ -20,10 +31,12 @@ import hashlib
 import json
 import logging
 import os
+import struct
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +45,21 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..io import atomic_save_tensors, write_json
+from ..errors import ConfigError, UnknownNameError
+from ..io import write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENV_VAR = "TAILCLIP_CACHE"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-TENSOR_KEYS = ("proj", "pre_proj", "labels", "indices")
-DEFAULT_SHARD_ROWS = 65536
+BASE_TENSORS = {"pre_proj": "float32", "proj": "float32"}  # stored in every entry
+ROW_KEYS = ("labels", "indices")  # int64, stored in every entry
+STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                          "bfloat16": torch.bfloat16}
+_ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+_ALIGN = 64  # tensor data starts on a 64-byte boundary of the file
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
@@ -54,13 +72,28 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "tailclip" / "features"
 
 
+def storage_dtype(dtype: str | torch.dtype | None) -> str:
+    """Canonical name of a storage dtype (None: float32); anything but float32/float16/bfloat16 is refused."""
+    if dtype is None:
+        return "float32"
+    name = str(dtype).removeprefix("torch.")
+    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}.get(name, name)
+    if name not in STORAGE_DTYPES:
+        raise ConfigError(f"feature storage dtype {dtype!r} is not accepted; choose one of: {', '.join(STORAGE_DTYPES)}")
+    return name
+
+
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)[:80]
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that determines the features of one (split, view); see the module docstring."""
+    """Everything that determines the features of one (split, view), and which tensors are wanted."""
 
     backbone: str  # backbone fingerprint (weights + architecture)
     dataset: str
@@ -68,33 +101,53 @@ class CacheKey:
     split_fingerprint: str  # Split.fingerprint(): identifiers + labels
     view: str  # "eval" or "aug<k>"
     preprocess: dict[str, Any] = field(default_factory=dict)
-    transform: str = ""  # human-readable description of the transform (augmentation parameters, seed)
-    precision: str = "fp32"
+    transform: str = ""  # description of the view's transform (augmentation parameters and seed)
+    precision: str = "fp32"  # autocast precision of the forward pass
+    tensors: dict[str, str] = field(default_factory=lambda: dict(BASE_TENSORS))  # name -> storage dtype
     version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        clash = set(self.tensors) & set(ROW_KEYS)
+        if clash:
+            raise ConfigError(f"tensor name(s) {sorted(clash)} are reserved for the row bookkeeping of an entry")
+        for name, dtype in self.tensors.items():
+            if dtype not in STORAGE_DTYPES:
+                raise ConfigError(f"tensor {name!r}: storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def base(self) -> dict[str, Any]:
+        """The key without `tensors`: what the rows are (an entry is one folder per base key)."""
+        d = self.to_dict()
+        d.pop("tensors")
+        return d
+
+    def with_tensors(self, tensors: Mapping[str, str]) -> CacheKey:
+        return replace(self, tensors=dict(sorted(tensors.items())))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def relpath(self) -> Path:
         """Folder of this entry. Fields that change often (shots/seed give a new split fingerprint) are part
-        of the path, so grids of K-shot runs keep one entry each instead of overwriting each other."""
+        of the path, so grids of K-shot runs keep one entry each instead of overwriting each other; so is a
+        hash of an augmented view's transform, so two methods' augmentations (Tip-Adapter's, LDC's) coexist."""
+        view = self.view if self.view == "eval" else f"{self.view}-{_short_hash(self.transform)}"
         return (
             Path(_safe_name(self.backbone[:16]))
             / _safe_name(self.dataset)
             / f"{_safe_name(self.split)}-{_safe_name(self.split_fingerprint[:16])}"
-            / _safe_name(self.view)
+            / _safe_name(view)
         )
 
 
 @dataclass
 class FeatureSet:
-    """Features of one split and view, rows in split order of the images that could be read."""
+    """Features of one split and view: named tensors, row-aligned, in split order of the images that could
+    be read. Tensors read from the cache are memory-mapped views of its files (see the module docstring)."""
 
-    proj: Tensor  # (N, D) projected, un-normalised
-    pre_proj: Tensor  # (N, d)
+    tensors: dict[str, Tensor]  # name -> (N, ...): proj (N, D) un-normalised, pre_proj (N, d), taps
     labels: Tensor  # (N,) int64
     indices: Tensor  # (N,) positions in the split
     skipped: list[str] = field(default_factory=list)
@@ -103,23 +156,91 @@ class FeatureSet:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def get(self, kind: str) -> Tensor:
-        if kind not in ("proj", "pre_proj"):
-            raise ValueError(f"feature kind must be 'proj' or 'pre_proj', got {kind!r}")
-        return self.proj if kind == "proj" else self.pre_proj
+    @property
+    def proj(self) -> Tensor:
+        return self.get("proj")
+
+    @property
+    def pre_proj(self) -> Tensor:
+        return self.get("pre_proj")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def get(self, name: str) -> Tensor:
+        """The (N, ...) tensor stored under `name` (proj, pre_proj or a tap that was requested)."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            where = f" in {self.path}" if self.path else ""
+            raise UnknownNameError(f"no feature tensor {name!r}{where}; this set holds: {', '.join(self.names)} "
+                                   "(request taps when asking for the features)") from None
 
 
 class StaleCacheError(Exception):
-    """An entry exists but does not match the expected key or its shards are damaged (internal)."""
+    """An entry exists but does not match the expected key or its files are damaged (internal)."""
+
+
+class IncompleteEntryError(Exception):
+    """An entry with the expected base key that lacks some requested tensors (internal): it is extended."""
+
+    def __init__(self, stored: dict[str, str], missing: list[str]) -> None:
+        super().__init__(f"lacks tensor(s) {missing}")
+        self.stored = stored
+
+
+class _TensorFileWriter:
+    """Streams one tensor into a safetensors file batch by batch: a fixed header slot is reserved first and
+    filled (space-padded, which the format allows) once the row count is known, then the temp file is
+    renamed into place. Memory stays at one batch however many rows the split has."""
+
+    def __init__(self, path: Path, name: str, dtype: torch.dtype, row_shape: Sequence[int],
+                 metadata: dict[str, str]) -> None:
+        self.path, self.name, self.dtype, self.row_shape = path, name, dtype, tuple(row_shape)
+        self.metadata = metadata
+        self.rows = 0
+        widest = len(self._header(10**15, 10**19))
+        self.slot = -(-(8 + widest) // _ALIGN) * _ALIGN - 8
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self.fh = os.fdopen(fd, "wb")
+        self.fh.write(b"\0" * (8 + self.slot))
+
+    def _header(self, rows: int, nbytes: int) -> bytes:
+        entry = {"dtype": _ST_CODES[self.dtype], "shape": [rows, *self.row_shape], "data_offsets": [0, nbytes]}
+        return json.dumps({"__metadata__": self.metadata, self.name: entry}, separators=(",", ":")).encode()
+
+    def append(self, t: Tensor) -> None:
+        if tuple(t.shape[1:]) != self.row_shape or t.dtype != self.dtype:
+            raise ValueError(f"tensor {self.name!r}: batch rows of shape {tuple(t.shape[1:])} {t.dtype}, earlier "
+                             f"batches gave {self.row_shape} {self.dtype}")
+        if t.numel():
+            self.fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.rows += int(t.shape[0])
+
+    def finish(self) -> dict[str, Any]:
+        nbytes = self.rows * self.dtype.itemsize * int(torch.Size(self.row_shape).numel())
+        header = self._header(self.rows, nbytes)
+        self.fh.seek(0)
+        self.fh.write(struct.pack("<Q", self.slot) + header + b" " * (self.slot - len(header)))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "shape": [self.rows, *self.row_shape],
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
     """get_or_build(key, build) returns the cached FeatureSet, building it (once, under a lock) when needed."""
 
-    def __init__(self, root: str | os.PathLike | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
-                 lock_timeout: float = -1) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, lock_timeout: float = -1) -> None:
         self.root = cache_root(root)
-        self.shard_rows = int(shard_rows)
         self.lock_timeout = lock_timeout  # -1: wait as long as another process is extracting
 
     def entry_dir(self, key: CacheKey) -> Path:
@@ -133,57 +254,62 @@ class FeatureCache:
             raise FileNotFoundError(manifest_path)
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StaleCacheError(f"unreadable manifest {manifest_path}: {exc}") from None
-        if manifest.get("key") != key.to_dict():
-            stored = manifest.get("key") or {}
-            diff = sorted(k for k in set(stored) | set(key.to_dict()) if stored.get(k) != key.to_dict().get(k))
+            stored_key = dict(manifest["key"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise StaleCacheError(f"unreadable manifest {manifest_path}: {exc!r}") from None
+        stored = stored_key.pop("tensors", None)
+        want = key.base()
+        if stored_key != want:  # an older format version lands here too (it names `version`)
+            diff = sorted(k for k in set(stored_key) | set(want) if stored_key.get(k) != want.get(k))
             raise StaleCacheError(f"manifest key differs in {diff}")
-        parts: dict[str, list[Tensor]] = {k: [] for k in TENSOR_KEYS}
-        total = 0
-        for shard in manifest["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                raise StaleCacheError(f"missing shard {path}")
-            try:
-                with safe_open(str(path), framework="pt") as fh:  # memory-mapped
-                    for k in TENSOR_KEYS:
-                        t = fh.get_tensor(k)
-                        if t.shape[0] != shard["rows"]:
-                            raise StaleCacheError(f"shard {path} has {t.shape[0]} rows of {k}, manifest says {shard['rows']}")
-                        parts[k].append(t)
-            except StaleCacheError:
-                raise
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated / corrupt file
-                raise StaleCacheError(f"unreadable shard {path}: {exc}") from None
-            total += shard["rows"]
-        if total != manifest["rows"]:
-            raise StaleCacheError(f"shards hold {total} rows, manifest says {manifest['rows']}")
-        dims = manifest["dims"]
-        cat = {
-            k: (torch.cat(v) if v else torch.empty((0, dims[k]) if k in dims else (0,),
-                                                   dtype=torch.float32 if k in dims else torch.int64))
-            for k, v in parts.items()
-        }
-        return FeatureSet(cat["proj"], cat["pre_proj"], cat["labels"].long(), cat["indices"].long(),
-                          list(manifest.get("skipped", [])), folder)
+        try:
+            stored, rows, files = dict(stored), int(manifest["rows"]), dict(manifest["files"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StaleCacheError(f"incomplete manifest {manifest_path}: {exc!r}") from None
+        missing = [n for n, d in key.tensors.items() if stored.get(n) != d]
+        if missing:
+            raise IncompleteEntryError(stored, missing)
+        tensors = {n: self._open(folder, files, n, rows, STORAGE_DTYPES[d]) for n, d in key.tensors.items()}
+        labels, indices = (self._open(folder, files, n, rows, torch.int64) for n in ROW_KEYS)
+        return FeatureSet(tensors, labels, indices, list(manifest.get("skipped", [])), folder)
+
+    @staticmethod
+    def _open(folder: Path, files: dict[str, Any], name: str, rows: int, dtype: torch.dtype) -> Tensor:
+        """Memory-map one stored tensor (no copy) and check it against the manifest."""
+        if name not in files:
+            raise StaleCacheError(f"manifest lists no file for tensor {name!r}")
+        path = folder / files[name]["file"]
+        if not path.is_file():
+            raise StaleCacheError(f"missing file {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                t = fh.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated / corrupt file
+            raise StaleCacheError(f"unreadable file {path}: {exc}") from None
+        if list(t.shape) != list(files[name]["shape"]) or t.shape[0] != rows or t.dtype != dtype:
+            raise StaleCacheError(f"{path} holds {tuple(t.shape)} {t.dtype}, expected {rows} rows of {dtype}")
+        return t
 
     def load(self, key: CacheKey) -> FeatureSet | None:
-        """The cached features, or None on a miss or a stale entry (never raises for those)."""
+        """The cached features, or None on a miss, a stale entry or one lacking a requested tensor."""
         try:
             return self._read(key)
         except FileNotFoundError:
+            return None
+        except IncompleteEntryError as exc:
+            log.info("feature cache entry %s %s; it will be extended", self.entry_dir(key), exc)
             return None
         except StaleCacheError as exc:
             log.warning("feature cache entry %s is stale (%s); it will be rebuilt", self.entry_dir(key), exc)
             return None
 
     # ------------------------------------------------------------------ writing
-    def get_or_build(self, key: CacheKey, build: Callable[[], Iterable[dict[str, Tensor]]],
+    def get_or_build(self, key: CacheKey, build: Callable[[CacheKey], Iterable[dict[str, Tensor]]],
                      skipped: Callable[[], list[str]] | None = None) -> FeatureSet:
-        """Return the entry for `key`; on a miss or stale entry run `build` (an iterable of batches with
-        keys proj, pre_proj, labels, indices) under the entry's lock and store it. `skipped` is called after
-        the build to record images left out (bad files)."""
+        """Return the entry for `key`; otherwise run `build(build_key)` under the entry's lock and store it.
+        `build_key` is `key`, or `key` with the stored entry's other tensors added when the entry is extended;
+        `build` yields batches with `labels`, `indices` and every name of `build_key.tensors`. `skipped` is
+        called after the build to record images left out (bad files)."""
         hit = self.load(key)
         if hit is not None:
             log.debug("feature cache hit %s", hit.path)
@@ -197,62 +323,66 @@ class FeatureCache:
             log.info("another process is extracting %s; waiting for it", folder)
             lock.acquire()
         try:
-            hit = self.load(key)  # built by another process while we waited
-            if hit is not None:
-                return hit
-            self._build(key, folder, build, skipped)
+            build_key = key
+            try:
+                return self._read(key)  # built by another process while we waited
+            except (FileNotFoundError, StaleCacheError):
+                pass
+            except IncompleteEntryError as exc:
+                build_key = key.with_tensors({**exc.stored, **key.tensors})
+            self._build(build_key, folder, build, skipped)
             return self._read(key)
         finally:
             lock.release()
 
-    def _build(self, key: CacheKey, folder: Path, build: Callable[[], Iterable[dict[str, Tensor]]],
+    def _build(self, key: CacheKey, folder: Path, build: Callable[[CacheKey], Iterable[dict[str, Tensor]]],
                skipped: Callable[[], list[str]] | None) -> None:
         start = time.time()
         build_id = uuid.uuid4().hex[:8]
-        shards: list[dict[str, Any]] = []
-        buffer: dict[str, list[Tensor]] = {k: [] for k in TENSOR_KEYS}
-        buffered = 0
-        dims: dict[str, int] = {}
+        dtypes = {**{n: STORAGE_DTYPES[d] for n, d in key.tensors.items()}, **dict.fromkeys(ROW_KEYS, torch.int64)}
+        metadata = {"key": key.digest()}
+        writers: dict[str, _TensorFileWriter] = {}
 
-        def flush() -> None:
-            nonlocal buffered
-            if buffered == 0:
-                return
-            tensors = {k: torch.cat(v) for k, v in buffer.items()}
-            name = f"shard-{build_id}-{len(shards):05d}.safetensors"
-            atomic_save_tensors(folder / name, tensors, metadata={"key": key.digest()})
-            shards.append({"file": name, "rows": buffered})
-            for v in buffer.values():
-                v.clear()
-            buffered = 0
+        def writer(name: str, row_shape: Sequence[int]) -> _TensorFileWriter:
+            if name not in writers:
+                path = folder / f"{_safe_name(name)}-{build_id}.safetensors"
+                writers[name] = _TensorFileWriter(path, name, dtypes[name], row_shape, metadata)
+            return writers[name]
 
-        for batch in build():
-            n = int(batch["labels"].shape[0])
-            for k in TENSOR_KEYS:
-                t = batch[k].detach().cpu()
-                t = t.float() if k in ("proj", "pre_proj") else t.long()
-                buffer[k].append(t)
-                if k in ("proj", "pre_proj"):
-                    dims[k] = int(t.shape[1])
-            buffered += n
-            if buffered >= self.shard_rows:
-                flush()
-        flush()
-        rows = sum(s["rows"] for s in shards)
+        try:
+            for batch in build(key):
+                absent = sorted(set(dtypes) - set(batch))
+                if absent:
+                    raise KeyError(f"feature batch lacks {absent} (it has {sorted(batch)})")
+                n = int(batch["labels"].shape[0])
+                for name, dtype in dtypes.items():
+                    t = batch[name].detach().to("cpu").to(dtype)
+                    if t.shape[0] != n:
+                        raise ValueError(f"feature batch: {name!r} has {t.shape[0]} rows, labels have {n}")
+                    writer(name, t.shape[1:]).append(t)
+            for name in dtypes:  # nothing extracted (every image skipped): empty tensors
+                writer(name, ())
+            files = {name: w.finish() for name, w in writers.items()}
+        except BaseException:
+            for w in writers.values():
+                if not w.fh.closed:
+                    w.abort()
+            raise
+        rows = files["labels"]["shape"][0]
         manifest = {
             "key": key.to_dict(),
             "digest": key.digest(),
             "rows": rows,
-            "dims": dims,
-            "shards": shards,
+            "files": files,
             "skipped": list(skipped() if skipped else []),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "build_id": build_id,
             "seconds": round(time.time() - start, 3),
         }
         write_json(folder / MANIFEST, manifest)
-        keep = {s["file"] for s in shards}
-        for old in folder.glob("shard-*.safetensors"):  # shards of an older build (mmaps stay valid on POSIX)
+        keep = {f["file"] for f in files.values()}
+        for old in folder.glob("*.safetensors"):  # files of an older build (mmaps stay valid on POSIX)
             if old.name not in keep:
                 old.unlink(missing_ok=True)
-        log.info("extracted %d feature rows into %s in %.1fs", rows, folder, manifest["seconds"])
+        log.info("extracted %d feature rows (%s) into %s in %.1fs", rows, ", ".join(key.tensors), folder,
+                 manifest["seconds"])

@@ -1,7 +1,14 @@
 """Computing features with a backbone and routing them through the cache.
 
-`split_features(...)` is what frozen-encoder methods call: it returns the (memory-mapped, cached) features
-of one split and view, extracting them on a miss. `extract_from_config` backs `tailclip extract`.
+Frozen-encoder methods call `method_features(method, ctx, split, view=..., taps=..., dtype=...)` (one view) or
+`method_views(method, ctx, split, k, ...)` (K augmented views); both return memory-mapped, cached tensors and
+extract them on a miss. `split_features` / `split_views` are the same without a method. `extract_from_config`
+backs `tailclip extract`.
+
+Augmented views: view k of a split ("aug<k>") applies an `AugSpec` (RandomResizedCrop + flip, then the
+backbone's normalisation) whose randomness for image i is drawn from a generator seeded by (seed, k, i) only.
+So a view is reproducible, independent of batch size, DataLoader workers and skipped images, and a view
+re-extracted later (to add a tap) is the same crops. The AugSpec and the seed are part of the cache key.
 """
 
 from __future__ import annotations
@@ -9,25 +16,49 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .cache import CacheKey, FeatureCache, FeatureSet
+from ..errors import ConfigError
+from .cache import BASE_TENSORS, STORAGE_DTYPES, CacheKey, FeatureCache, FeatureSet, storage_dtype
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, Preprocess
     from ..config import RunConfig
-    from ..data.base import Task
+    from ..data.base import LabeledImages, Task
 
 log = logging.getLogger(__name__)
 
-# Tip-Adapter's cache augmentation: RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip.
-AUG_SCALE = (0.5, 1.0)
-AUG_SEED = 0  # view k is drawn with seed AUG_SEED + k, so augmented views are reproducible and cacheable
+AUG_SEED = 0  # default seed of augmented views
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """The augmentation of cached views: RandomResizedCrop(S, scale, interpolation) (+ horizontal flip), then
+    the backbone's normalisation. The default is Tip-Adapter's cache augmentation (scale 0.5-1); LDC uses
+    `AugSpec(scale=(0.8, 1.0), interpolation="bicubic")`. interpolation None: the backbone's own."""
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    interpolation: str | None = None
+    flip: bool = True
+
+    def build(self, pre: Preprocess) -> Callable[[Any], Tensor]:
+        from ..data.transforms import train_transform
+
+        return train_transform(pre, scale=tuple(self.scale), interpolation=self.interpolation, flip=self.flip)
+
+    def describe(self, pre: Preprocess) -> str:
+        lo, hi = self.scale
+        return (f"rrc{pre.image_size}(scale=({lo:g},{hi:g}),{self.interpolation or pre.interpolation})"
+                + ("+hflip" if self.flip else ""))
+
+
+DEFAULT_AUG = AugSpec()
 
 
 def backbone_fingerprint(backbone: Backbone) -> str:
@@ -52,31 +83,57 @@ def backbone_fingerprint(backbone: Backbone) -> str:
     return fp
 
 
-def view_transform(pre: Preprocess, view: str) -> tuple[Callable[[Any], Tensor], str]:
-    """(transform, description) for a view: "eval" is the backbone's eval transform, "aug<k>" an augmented one."""
+def _view_index(view: str) -> int | None:
+    """None for "eval", k for "aug<k>"."""
     if view == "eval":
+        return None
+    if not view.startswith("aug") or not view[3:].isdigit():
+        raise ConfigError(f"unknown feature view {view!r}; use 'eval' or 'aug<k>'")
+    return int(view[3:])
+
+
+def view_transform(pre: Preprocess, view: str, aug: AugSpec | None = None,
+                   seed: int = AUG_SEED) -> tuple[Callable[[Any], Tensor], str]:
+    """(transform, description for the cache key) of a view: "eval" is the backbone's eval transform,
+    "aug<k>" the AugSpec (default Tip-Adapter's) drawn with `seed` (per image, see the module docstring)."""
+    k = _view_index(view)
+    if k is None:
+        if aug is not None:
+            raise ConfigError("an augmentation was given for the eval view; augmented views are named 'aug<k>'")
         from ..data.transforms import eval_transform
 
         return eval_transform(pre), "eval"
-    if not view.startswith("aug") or not view[3:].isdigit():
-        raise ValueError(f"unknown feature view {view!r}; use 'eval' or 'aug<k>'")
-    from torchvision import transforms as T
+    if not isinstance(aug, (AugSpec, type(None))):
+        raise ConfigError(f"the transform of an augmented view must be an AugSpec (it is recorded in the cache "
+                          f"key), got {type(aug).__name__}")
+    aug = aug or DEFAULT_AUG
+    return aug.build(pre), f"{aug.describe(pre)},seed={int(seed)}"
 
-    interp = getattr(T.InterpolationMode, pre.interpolation.upper(), T.InterpolationMode.BICUBIC)
-    tf = T.Compose([
-        T.RandomResizedCrop(pre.image_size, scale=AUG_SCALE, interpolation=interp),
-        T.RandomHorizontalFlip(p=0.5),
-        T.Lambda(lambda im: im.convert("RGB")),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])
-    seed = AUG_SEED + int(view[3:])
-    return tf, f"rrc{pre.image_size}(scale={AUG_SCALE},{pre.interpolation})+hflip,seed={seed}"
+
+def sample_seed(seed: int, view: int, index: int) -> int:
+    """Seed of image `index`'s augmentation in view `view` (a hash, so (view, index) pairs never collide)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{view}/{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+class SeededViewImages(torch.utils.data.Dataset):
+    """Wraps a LabeledImages so that image i's transform draws from its own seed (seed, view, i) and leaves the
+    caller's RNG untouched: the crops depend on nothing else (module-level class: workers can pickle it)."""
+
+    def __init__(self, images: LabeledImages, seed: int, view: int) -> None:
+        self.images, self.seed, self.view = images, int(seed), int(view)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.view, index))
+            return self.images[index]
 
 
 @torch.no_grad()
 def _batches(backbone: Backbone, loader: torch.utils.data.DataLoader, device: torch.device, precision: str,
-             desc: str) -> Iterator[dict[str, Tensor]]:
+             taps: dict[str, torch.dtype], desc: str) -> Iterator[dict[str, Tensor]]:
     from ..engine.evaluate import autocast, iter_batches
 
     was_training = backbone.training
@@ -84,8 +141,10 @@ def _batches(backbone: Backbone, loader: torch.utils.data.DataLoader, device: to
     try:
         for images, labels, idx in iter_batches(loader, desc):
             with autocast(device, precision):
-                out = backbone.encode_image(images.to(device, non_blocking=True))
-            yield {"proj": out.proj.float(), "pre_proj": out.pre_proj.float(), "labels": labels, "indices": idx}
+                out = backbone.encode_image(images.to(device, non_blocking=True), taps=list(taps))
+            tapped = {n: out.taps[n].to(dt) for n, dt in taps.items()}  # cast on the device: less to copy back
+            yield {"proj": out.proj.float(), "pre_proj": out.pre_proj.float(), **tapped, "labels": labels,
+                   "indices": idx}
     finally:
         backbone.train(was_training)
 
@@ -96,6 +155,10 @@ def split_features(
     split: str,
     *,
     view: str = "eval",
+    taps: Sequence[str] = (),
+    dtype: str | torch.dtype | None = None,
+    transform: AugSpec | None = None,
+    seed: int = AUG_SEED,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     precision: str = "fp32",
@@ -103,15 +166,24 @@ def split_features(
     on_bad_image: str = "error",
     cache: FeatureCache | str | None = None,
 ) -> FeatureSet:
-    """Features of `task`'s `split` under `view`, from the cache or extracted into it."""
-    from ..data.base import LabeledImages, collate_skip_none
+    """Features of `task`'s `split` under `view` ("eval" or "aug<k>"), from the cache or extracted into it.
 
+    The set holds proj and pre_proj (float32) and each tap in `taps` (names from `backbone.tap_names()`:
+    ViT (N, tokens, d), ResNet (N, C, H, W)) stored as `dtype` (float32 default; float16/bfloat16 halve the
+    disk). `transform` (an AugSpec) and `seed` choose the augmentation of "aug<k>" views."""
     device = torch.device(device)
     if bool(getattr(backbone, "hooks", None)):
         raise RuntimeError("a tuner is attached to the backbone: its features are not the frozen ones the cache keys")
+    taps = list(dict.fromkeys(taps))
+    known = backbone.tap_names()
+    unknown = [t for t in taps if t not in known]
+    if unknown:
+        raise ConfigError(f"unknown tap(s) {unknown} for {getattr(backbone, 'name', 'this backbone')}; it offers: "
+                          + (", ".join(known) or "(none)"))
+    tap_dtype = storage_dtype(dtype)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     data_split = task.split(split)
-    transform, desc = view_transform(backbone.preprocess, view)
+    tf, desc = view_transform(backbone.preprocess, view, transform, seed)
     key = CacheKey(
         backbone=backbone_fingerprint(backbone),
         dataset=task.name,
@@ -121,45 +193,132 @@ def split_features(
         preprocess=backbone.preprocess.to_dict(),
         transform=desc,
         precision=precision,
+        tensors={**BASE_TENSORS, **dict.fromkeys(taps, tap_dtype)},
     )
-    dataset = LabeledImages(data_split, transform, on_bad_image=on_bad_image)
+    from ..data.base import LabeledImages, collate_skip_none
 
-    def build() -> Iterator[dict[str, Tensor]]:
-        gen = torch.Generator().manual_seed(AUG_SEED + (int(view[3:]) if view != "eval" else 0))
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip_none,
-            generator=gen, pin_memory=device.type == "cuda",
-        )
-        if view != "eval" and num_workers == 0:  # random transforms draw from the global RNG in the main process
-            state = torch.random.get_rng_state()
-            torch.manual_seed(AUG_SEED + int(view[3:]))
-            try:
-                yield from _batches(backbone, loader, device, precision, f"features {task.name}/{split}/{view}")
-            finally:
-                torch.random.set_rng_state(state)
-        else:
-            yield from _batches(backbone, loader, device, precision, f"features {task.name}/{split}/{view}")
+    k = _view_index(view)
+    images = LabeledImages(data_split, tf, on_bad_image=on_bad_image)
+    dataset = images if k is None else SeededViewImages(images, seed, k)
+    seen: list[Tensor] = []
 
-    return cache.get_or_build(key, build, skipped=lambda: sorted(set(dataset.bad)))
+    def build(build_key: CacheKey) -> Iterator[dict[str, Tensor]]:
+        seen.clear()
+        wanted = {n: STORAGE_DTYPES[d] for n, d in build_key.tensors.items() if n not in BASE_TENSORS}
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             collate_fn=collate_skip_none, pin_memory=device.type == "cuda")
+        for batch in _batches(backbone, loader, device, precision, wanted, f"features {task.name}/{split}/{view}"):
+            seen.append(batch["indices"])
+            yield batch
+
+    def skipped() -> list[str]:  # from the rows themselves: DataLoader workers' `bad` lists never come back
+        kept = set(torch.cat(seen).tolist()) if seen else set()
+        return sorted(data_split.images.ident(i) for i in range(len(data_split)) if i not in kept)
+
+    return cache.get_or_build(key, build, skipped=skipped)
 
 
-def method_features(method: Any, ctx: Any, split: str, view: str = "eval") -> FeatureSet:
-    """`split_features` with the run's settings (device, eval batch size/precision, workers, bad-image policy)
-    and the method config's `feature_cache` folder, if any."""
+@dataclass
+class FeatureViews:
+    """K augmented views of one split, row-aligned: views[k] is the FeatureSet of "aug<k>", and every view
+    holds the same images in the same order (labels/indices shared).
+
+    A trainer that uses view e mod K at epoch e takes `fv[e % fv.k].get(name)`; one that draws a random view
+    per sample takes `fv.gather(name, view_ids, rows)` (no K-fold copy); `fv.stack(name)` gives (K, N, ...)."""
+
+    views: list[FeatureSet]
+
+    def __post_init__(self) -> None:
+        if not self.views:
+            raise ValueError("FeatureViews needs at least one view")
+        ref = self.views[0]
+        for k, fs in enumerate(self.views[1:], 1):
+            if not torch.equal(fs.indices, ref.indices):
+                raise RuntimeError(f"augmented view {k} of the split covers other images than view 0 ({fs.path})")
+
+    @property
+    def k(self) -> int:
+        return len(self.views)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.views[0].labels
+
+    @property
+    def indices(self) -> Tensor:
+        return self.views[0].indices
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.views[0].skipped
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    def __getitem__(self, k: int) -> FeatureSet:
+        return self.views[k]
+
+    def stack(self, name: str) -> Tensor:
+        """(K, N, ...) — a copy of all K views (fine for proj; think twice for token taps)."""
+        return torch.stack([fs.get(name) for fs in self.views])
+
+    def gather(self, name: str, view: Tensor, rows: Tensor) -> Tensor:
+        """(B, ...) rows `rows` of `name`, row b taken from view `view[b]`; reads only those rows."""
+        view, rows = torch.as_tensor(view).long(), torch.as_tensor(rows).long()
+        if view.shape != rows.shape or view.dim() != 1:
+            raise ValueError(f"gather needs 1-D view ids and rows of one shape, got {tuple(view.shape)} and "
+                             f"{tuple(rows.shape)}")
+        first = self.views[0].get(name)
+        out = first.new_empty((rows.numel(), *first.shape[1:]))
+        for k in view.unique().tolist():
+            sel = view == k
+            out[sel] = self.views[k].get(name)[rows[sel]]
+        return out
+
+
+def split_views(backbone: Backbone, task: Task, split: str, k: int, **kwargs: Any) -> FeatureViews:
+    """Views aug0..aug<k-1> of `split` (each a cache entry of its own, so asking for more views later reuses
+    the first ones). Keyword arguments as `split_features` (taps, dtype, transform, seed, device, ...)."""
+    if k < 1:
+        raise ConfigError(f"number of augmented views must be >= 1, got {k}")
+    if "view" in kwargs:
+        raise TypeError("split_views chooses the views itself (aug0..aug<k-1>); do not pass view=")
+    return FeatureViews([split_features(backbone, task, split, view=f"aug{i}", **kwargs) for i in range(k)])
+
+
+def _run_settings(method: Any, ctx: Any, split: str) -> dict[str, Any]:
+    """The run's extraction settings (device, eval batch size/precision, workers, bad-image policy) and the
+    method config's `feature_cache` folder, if any."""
     cfg: RunConfig = ctx.cfg
     if cfg.eval.tte != "none" and split != "train" and not getattr(method, "_warned_tte", False):
         log.warning("%s works from cached eval-view features: eval.tte=%s is not applied", cfg.method, cfg.eval.tte)
         method._warned_tte = True
-    return split_features(
-        method.backbone, ctx.task, split, view=view, device=ctx.device, batch_size=cfg.eval.batch_size,
-        precision=cfg.eval.precision, num_workers=cfg.data.num_workers, on_bad_image=cfg.data.on_bad_image,
-        cache=getattr(method.cfg, "feature_cache", None),
-    )
+    return {"device": ctx.device, "batch_size": cfg.eval.batch_size, "precision": cfg.eval.precision,
+            "num_workers": cfg.data.num_workers, "on_bad_image": cfg.data.on_bad_image,
+            "cache": getattr(method.cfg, "feature_cache", None)}
 
 
-def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0) -> list[Path]:
-    """`tailclip extract`: features of each split (eval view) plus `views` augmented views of the train
-    split, for the model and dataset of `cfg`. Returns the cache entry folders."""
+def method_features(method: Any, ctx: Any, split: str, view: str = "eval", taps: Sequence[str] = (),
+                    dtype: str | torch.dtype | None = None, transform: AugSpec | None = None,
+                    seed: int = AUG_SEED) -> FeatureSet:
+    """`split_features` of the method's backbone and the run's task, with the run's settings."""
+    return split_features(method.backbone, ctx.task, split, view=view, taps=taps, dtype=dtype, transform=transform,
+                          seed=seed, **_run_settings(method, ctx, split))
+
+
+def method_views(method: Any, ctx: Any, split: str, k: int, taps: Sequence[str] = (),
+                 dtype: str | torch.dtype | None = None, transform: AugSpec | None = None,
+                 seed: int = AUG_SEED) -> FeatureViews:
+    """`split_views` of the method's backbone and the run's task, with the run's settings."""
+    return split_views(method.backbone, ctx.task, split, k, taps=taps, dtype=dtype, transform=transform, seed=seed,
+                       **_run_settings(method, ctx, split))
+
+
+def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps: Sequence[str] = (),
+                        dtype: str | torch.dtype | None = None) -> list[Path]:
+    """`tailclip extract`: features of each split (eval view) plus `views` augmented views (default AugSpec)
+    of the train split, with `taps` stored as `dtype`, for the model and dataset of `cfg`. Returns the cache
+    entry folders."""
     from ..backbones import create_backbone
     from ..data.registry import build_task
     from ..engine.evaluate import resolve_device
@@ -167,19 +326,14 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0) -> li
     device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
     task = build_task(cfg.data)
-    method_cfg = cfg.method_config()
-    cache = FeatureCache(getattr(method_cfg, "feature_cache", None))
-    jobs = [(s, "eval") for s in splits if s in task.splits]
+    cache = FeatureCache(getattr(cfg.method_config(), "feature_cache", None))
     missing = [s for s in splits if s not in task.splits]
     if missing:
         log.warning("dataset %s has no split(s) %s; skipped", task.name, ", ".join(missing))
+    settings = {"taps": taps, "dtype": dtype, "device": device, "batch_size": cfg.eval.batch_size,
+                "precision": cfg.eval.precision, "num_workers": cfg.data.num_workers,
+                "on_bad_image": cfg.data.on_bad_image, "cache": cache}
+    sets = [split_features(backbone, task, s, **settings) for s in splits if s in task.splits]
     if views and "train" in task.splits:
-        jobs += [("train", f"aug{k}") for k in range(views)]
-    out = []
-    for split, view in jobs:
-        fs = split_features(backbone, task, split, view=view, device=device, batch_size=cfg.eval.batch_size,
-                            precision=cfg.eval.precision, num_workers=cfg.data.num_workers,
-                            on_bad_image=cfg.data.on_bad_image, cache=cache)
-        assert fs.path is not None
-        out.append(fs.path)
-    return out
+        sets += split_views(backbone, task, "train", views, **settings).views
+    return [fs.path for fs in sets if fs.path is not None]
