@@ -130,7 +130,7 @@ def test_cifar100_balanced(cifar_root: Path) -> None:
 
 
 def test_cifar100_lt_task(cifar_root: Path) -> None:
-    task = build_task(cfg("cifar100-lt", cifar_root, imbalance_ratio=10, seed=3, templates="sage60"))
+    task = build_task(cfg("cifar100-lt-seeded", cifar_root, imbalance_ratio=10, seed=3, templates="sage60"))
     expected = lt_profile(12, 100, 10)
     assert task.class_counts.tolist() == expected.tolist()
     assert task.meta["imbalance_ratio"] == 10 and task.meta["lt_seed"] == 3

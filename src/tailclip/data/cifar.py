@@ -39,13 +39,28 @@ def lt_profile(n_max: int, num_classes: int, beta: float) -> np.ndarray:
     return np.array([int(n_max * (1.0 / beta) ** (k / (num_classes - 1))) for k in i], dtype=np.int64)
 
 
+def literature_orders(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Per-class image orders of the literature's CIFAR-100-LT (LDAM's `IMBALANCECIFAR100`, used as is by LIFT):
+    numpy seeded with 0, then per class in class order `np.where(labels == c)` shuffled by that one generator.
+    A RandomState(0) draws exactly what `np.random.seed(0)` + `np.random.shuffle` draw, without touching the
+    global generator."""
+    rng = np.random.RandomState(0)
+    orders = []
+    for c in range(num_classes):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        orders.append(idx)
+    return orders
+
+
 def select_lt(
-    labels: np.ndarray, beta: float, seed: int, val_per_class: int = VAL_PER_CLASS
+    labels: np.ndarray, beta: float, seed: int | None, val_per_class: int = VAL_PER_CLASS
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(train indices, val indices, classes whose val overlaps train) of a seeded long-tailed selection.
+    """(train indices, val indices, classes whose val overlaps train) of a long-tailed selection.
 
     Class i keeps n_i = int(n_max · (1/β)^(i/(C−1))) images (n_max = images per class, 500 for CIFAR-100), the
-    first n_i of a per-class seeded order. Val takes the next `val_per_class` images of that order (images the
+    first n_i of a per-class order: the literature's (`literature_orders`) when `seed` is None, else tailclip's
+    per-class order seeded by `seed`. Val takes the next `val_per_class` images of that order (images the
     profile left out); a class with fewer left over (the head class, which keeps all 500) completes its val
     with its own training images, and is listed in the third return value.
     """
@@ -53,9 +68,12 @@ def select_lt(
     num_classes = int(labels.max()) + 1
     counts = np.bincount(labels, minlength=num_classes)
     profile = lt_profile(int(counts.max()), num_classes, beta)
+    if seed is None:
+        orders = literature_orders(labels, num_classes)
+    else:
+        orders = [seeded_order(np.flatnonzero(labels == c), seed, c, STREAM_LT) for c in range(num_classes)]
     train, val, overlap = [], [], []
-    for c in range(num_classes):
-        order = seeded_order(np.flatnonzero(labels == c), seed, c, STREAM_LT)
+    for c, order in enumerate(orders):
         n = int(profile[c])
         if len(order) < n:
             raise DataError(f"class {c} has {len(order)} training images, the LT profile asks for {n}")
@@ -114,25 +132,39 @@ def build_cifar100(cfg: DataConfig) -> Task:
     return finish_task(cfg, names, {"train": train, "test": test}, "imagenet80", meta={"imbalance_ratio": 1.0})
 
 
-@register_dataset("cifar100-lt")
-def build_cifar100_lt(cfg: DataConfig) -> Task:
-    """CIFAR-100-LT at any β (data.imbalance_ratio, default 100): 10,847 / 12,608 / 19,573 train at β = 100/50/10.
-
-    Train: class i keeps int(500 · (1/β)^(i/99)) images, chosen by a per-class order seeded by data.seed.
-    Test: the balanced 10,000 CIFAR-100 test images. Val (none in the literature): 10 images per class drawn
-    from the training images the profile leaves out; the head class keeps all 500 of its images, so its 10 val
-    images are taken from its training images (recorded in meta["val_overlap_classes"]).
-    Many/medium/few use the β = 100 counts for every β (35/35/30 classes), as the literature does.
-    """
+def _build_lt(cfg: DataConfig, seed: int | None) -> Task:
     beta = float(cfg.imbalance_ratio or DEFAULT_BETA)
     names, full, test = load_cifar100(str(require_root(cfg, HINT)))
-    train_idx, val_idx, overlap = select_lt(full.labels, beta, cfg.seed)
+    train_idx, val_idx, overlap = select_lt(full.labels, beta, seed)
     n_max = int(np.bincount(full.labels).max())
     meta = {
         "imbalance_ratio": beta,
-        "lt_seed": cfg.seed,
+        "lt_order": "literature (LDAM/LIFT: numpy seed 0)" if seed is None else "seeded",
+        "lt_seed": 0 if seed is None else seed,
         "val_overlap_classes": overlap,
         "group_rule": "many/medium/few from the beta=100 profile",
     }
     splits = {"train": full.subset(train_idx), "val": full.subset(val_idx), "test": test}
     return finish_task(cfg, names, splits, "imagenet80", meta, group_counts=lt_profile(n_max, NUM_CLASSES, 100.0))
+
+
+@register_dataset("cifar100-lt")
+def build_cifar100_lt(cfg: DataConfig) -> Task:
+    """CIFAR-100-LT with the literature's images (LDAM/LIFT), any β (data.imbalance_ratio, default 100).
+
+    Train: class i keeps the first int(500 · (1/β)^(i/99)) images of its numpy-seed-0 shuffle (LDAM's
+    `gen_imbalanced_data`; data.seed does not change them): 10,847 / 12,608 / 19,573 images at β = 100/50/10.
+    Test: the balanced 10,000 CIFAR-100 test images. Val (none in the literature): the next 10 images per class
+    of the same order, from the images the profile leaves out; the head class keeps all 500 of its images, so
+    its 10 val images are taken from its training images (recorded in meta["val_overlap_classes"]).
+    Many/medium/few use the β = 100 counts for every β (35/35/30 classes), as the literature does.
+    """
+    return _build_lt(cfg, None)
+
+
+@register_dataset("cifar100-lt-seeded")
+def build_cifar100_lt_seeded(cfg: DataConfig) -> Task:
+    """CIFAR-100-LT whose kept images follow tailclip's per-class order seeded by data.seed (other draws).
+
+    Same profile, test, val and groups as `cifar100-lt`; only which images of each class are kept differs."""
+    return _build_lt(cfg, cfg.seed)

@@ -1,8 +1,9 @@
 """Image transforms built from the backbone's Preprocess, so every method sees what the weights expect.
 
-Eval matches open_clip's own eval transform; train is RandomResizedCrop + flip (LIFT / Sage / LDC);
-test-time ensembling (LIFT's five-crop) resizes to round(S · 248/224) and stacks the crops. All transforms
-are module-level classes or torchvision objects (no lambdas), so DataLoader workers can pickle them.
+Eval matches open_clip's own eval transform unless a method gives its own resize (LIFT: 256 -> 224); train is
+RandomResizedCrop + flip (LIFT / Sage / LDC); test-time ensembling resizes (default round(S · 248/224); LIFT's
+rule in `lift_tte_resize`) and stacks the five or ten crops. All transforms are module-level classes or
+torchvision objects (no lambdas), so DataLoader workers can pickle them.
 """
 
 from __future__ import annotations
@@ -45,28 +46,39 @@ def _to_tensor(pre: Preprocess) -> list:
     return [ToRGB(), T.ToTensor(), T.Normalize(mean=pre.mean, std=pre.std)]
 
 
-def eval_transform(pre: Preprocess) -> T.Compose:
-    """Resize (shortest side, or squash / longest per pre.resize_mode) + center crop + tensor + normalize."""
-    size, interp = pre.image_size, interpolation_mode(pre.interpolation)
-    if pre.resize_mode == "squash":
-        resize = [T.Resize((size, size), interpolation=interp)]
+def eval_transform(pre: Preprocess, resize: int | None = None, interpolation: str | None = None) -> T.Compose:
+    """Resize + center crop + tensor + normalize.
+
+    Default: open_clip's own eval transform (resize to S by pre.resize_mode: shortest side, squash or longest).
+    `resize`: shortest side to `resize` px, then CenterCrop(S) (LIFT's 256 -> 224, see `lift_eval_resize`).
+    `interpolation` overrides the backbone's."""
+    size, interp = pre.image_size, interpolation_mode(interpolation or pre.interpolation)
+    if resize is not None:
+        steps = [T.Resize(resize, interpolation=interp), T.CenterCrop(size)]
+    elif pre.resize_mode == "squash":
+        steps = [T.Resize((size, size), interpolation=interp)]
     elif pre.resize_mode == "longest":
         from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
 
-        resize = [ResizeKeepRatio(size, interpolation=interp, longest=1), CenterCropOrPad(size, fill=0)]
+        steps = [ResizeKeepRatio(size, interpolation=interp, longest=1), CenterCropOrPad(size, fill=0)]
     elif pre.resize_mode == "shortest":
-        resize = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
+        steps = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
     else:
         raise ConfigError(f"resize_mode {pre.resize_mode!r} is not accepted; choose one of: shortest, longest, squash")
-    return T.Compose(resize + _to_tensor(pre))
+    return T.Compose(steps + _to_tensor(pre))
 
 
 def train_transform(
-    pre: Preprocess, scale: tuple[float, float] = (0.08, 1.0), interpolation: str | None = None, flip: bool = True
+    pre: Preprocess,
+    scale: tuple[float, float] = (0.08, 1.0),
+    interpolation: str | None = None,
+    flip: bool = True,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> T.Compose:
-    """RandomResizedCrop(S, scale) (+ horizontal flip) + tensor + normalize; interpolation defaults to pre's."""
+    """RandomResizedCrop(S, scale, ratio) (+ horizontal flip) + tensor + normalize; interpolation defaults to
+    pre's. ratio=(1, 1) gives square crops (LIFT+'s schedule)."""
     interp = interpolation_mode(interpolation or pre.interpolation)
-    steps: list = [T.RandomResizedCrop(pre.image_size, scale=scale, interpolation=interp)]
+    steps: list = [T.RandomResizedCrop(pre.image_size, scale=scale, ratio=ratio, interpolation=interp)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + _to_tensor(pre))
@@ -83,14 +95,33 @@ class StackCrops:
 
 
 def tte_resize(image_size: int) -> int:
-    """Resize target of test-time crop ensembling: 248 for 224 (LIFT), scaled for other sizes."""
+    """Default resize target of test-time crop ensembling: 248 for 224, scaled for other sizes."""
     return round(image_size * 248 / 224)
 
 
-def tte_transform(pre: Preprocess, mode: str) -> T.Compose:
-    """Resize the shortest side to round(S·248/224), then FiveCrop / TenCrop → tensor (n_crops, 3, S, S)."""
+def lift_eval_resize(image_size: int) -> int:
+    """LIFT's resize before the center crop without TTE: `resolution * 8 // 7` in its trainer (256 for 224).
+    The rule scales with the model's image size, so every model keeps LIFT's 7/8 center crop (36 -> 32 for the
+    32 px built-in tiny CLIP)."""
+    return image_size * 8 // 7
+
+
+def lift_tte_resize(image_size: int, patch_size: int | None) -> int:
+    """LIFT's five-crop resize: resolution + expand, where its model configs set expand = 24 for ViT-B/16 (and
+    the /16 IN21K ViTs, any resolution) and 21 for ViT-L/14 (224 and 336 px): 1.5 patches, 3p // 2. Towers
+    without patches (ResNets: 24 at 224 in LIFT) scale 24 with the image size."""
+    expand = 3 * patch_size // 2 if patch_size else round(image_size * 24 / 224)
+    return image_size + expand
+
+
+def tte_transform(
+    pre: Preprocess, mode: str, resize: int | None = None, interpolation: str | None = None
+) -> T.Compose:
+    """Resize the shortest side (to `resize`, default `tte_resize(S)`), then FiveCrop / TenCrop -> tensor
+    (n_crops, 3, S, S). `interpolation` overrides the backbone's."""
     if mode not in TTE_MODES:
         raise ConfigError(f"eval.tte={mode!r} is not accepted; choose one of: {', '.join(TTE_MODES)}")
-    size, interp = pre.image_size, interpolation_mode(pre.interpolation)
+    size, interp = pre.image_size, interpolation_mode(interpolation or pre.interpolation)
     crop = T.FiveCrop(size) if mode == "five_crop" else T.TenCrop(size)
-    return T.Compose([T.Resize(tte_resize(size), interpolation=interp), crop, StackCrops(T.Compose(_to_tensor(pre)))])
+    resize = tte_resize(size) if resize is None else resize
+    return T.Compose([T.Resize(resize, interpolation=interp), crop, StackCrops(T.Compose(_to_tensor(pre)))])

@@ -1,18 +1,27 @@
 """Tuners: parameter-efficient modules living inside a frozen backbone via its hook points.
 
-`build_tuner(name, backbone, bottleneck=None, num_classes=C)` -> an attached Tuner; keep it as an attribute of
-the method so its parameters train and are checkpointed. Names: adaptformer, adapter, lora, vpt_deep,
-vpt_shallow, full, bitfit, ln, classifier."""
+`build_tuner(name, backbone, options, num_classes=C)` -> an attached Tuner; `options` is an instance of the
+tuner's `Options` dataclass (None: defaults). Keep the tuner as an attribute of the method so its parameters
+train and are checkpointed. `TUNERS` is the one list of tuners (LIFT's table rows: adaptformer, adapter, lora,
+vpt_deep, vpt_shallow, full, bitfit, ln, classifier)."""
 
 from . import adapters, lora, partial, vpt  # noqa: F401  (each registers its tuners)
-from .adapters import AdaptFormer, Bottleneck, SequentialAdapter
-from .base import TUNERS, Tuner, auto_bottleneck, build_tuner, register_tuner, vision_named_parameters
-from .lora import LoRA
+from .adapters import Adapter, AdapterOptions, AdaptFormer, AdaptFormerOptions, Bottleneck
+from .base import (
+    TUNERS,
+    NoOptions,
+    Tuner,
+    auto_bottleneck,
+    build_tuner,
+    register_tuner,
+    resolve_bottleneck,
+)
+from .lora import LoRA, LoRAOptions
 from .partial import BitFit, ClassifierOnly, FullFineTune, LayerNormTuning
-from .vpt import VPTDeep, VPTShallow
+from .vpt import VPTDeep, VPTOptions, VPTShallow
 
 __all__ = [
-    "TUNERS", "AdaptFormer", "BitFit", "Bottleneck", "ClassifierOnly", "FullFineTune", "LayerNormTuning", "LoRA",
-    "SequentialAdapter", "Tuner", "VPTDeep", "VPTShallow", "auto_bottleneck", "build_tuner", "register_tuner",
-    "vision_named_parameters",
+    "TUNERS", "AdaptFormer", "AdaptFormerOptions", "Adapter", "AdapterOptions", "BitFit", "Bottleneck",
+    "ClassifierOnly", "FullFineTune", "LayerNormTuning", "LoRA", "LoRAOptions", "NoOptions", "Tuner", "VPTDeep",
+    "VPTOptions", "VPTShallow", "auto_bottleneck", "build_tuner", "register_tuner", "resolve_bottleneck",
 ]

@@ -1,43 +1,61 @@
-"""Bottleneck adapters: AdaptFormer (parallel to the MLP, LIFT) and a plain sequential Adapter."""
+"""Bottleneck adapters as LIFT's released code places them: AdaptFormer parallel to the MLP (LIFT's tuner) and
+the plain Adapter on the MLP branch output before the residual add."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from .base import Tuner, _unused, auto_bottleneck, register_tuner
+from .base import Tuner, check_positive, register_tuner, resolve_bottleneck
 
 
 class Bottleneck(nn.Module):
-    """LN_a -> W_down (d->r, Kaiming, zero bias) -> ReLU -> W_up (r->d, all zero) [-> * s].
+    """LN_a -> W_down (d->r) -> ReLU -> W_up (r->d) [-> * s].
 
-    W_up starts at zero so the branch outputs exactly 0: the tuned model *is* the frozen model at step 0.
-    Parameters: LN 2d + down dr + r + up rd + d (+ 1 for s) = (2r+3)d + r + 1 with the scale."""
+    Init as LIFT's `peft_modules.py`: W_down `kaiming_normal_(a=sqrt(5))` (fan_in mode, so std = 1/sqrt(3d)),
+    biases zero, W_up all zero, so the branch outputs exactly 0 and the tuned model *is* the frozen one at step 0.
+    Parameters: LN 2d + down dr + r + up rd + d = (2r+3)d + r, plus 1 for a learnable scale s."""
 
-    def __init__(self, dim: int, bottleneck: int, learnable_scale: bool = True, init_scale: float = 1.0) -> None:
+    def __init__(self, dim: int, bottleneck: int, scale: float | None = None, learnable_scale: bool = True) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
-        # AdaptFormer's official init for W_down: kaiming_uniform_ with a = sqrt(5) (as LoRA); bias zero.
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        if learnable_scale:
-            self.scale = nn.Parameter(torch.full((), float(init_scale)))
+        self.scale: Tensor | None
+        if scale is None:
+            self.scale = None
+        elif learnable_scale:
+            self.scale = nn.Parameter(torch.full((), float(scale)))
         else:
-            self.register_buffer("scale", torch.full((), float(init_scale)), persistent=False)
+            self.register_buffer("scale", torch.full((), float(scale)), persistent=False)
+
+    @staticmethod
+    def num_parameters(dim: int, bottleneck: int, learnable_scale: bool) -> int:
+        return (2 * bottleneck + 3) * dim + bottleneck + int(learnable_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         y = self.up(torch.relu(self.down(self.ln(x.to(self.down.weight.dtype)))))
-        return (self.scale * y).to(dtype)
+        return (y if self.scale is None else self.scale * y).to(dtype)
+
+
+@dataclass(frozen=True)
+class AdaptFormerOptions:
+    bottleneck: int | None = None  # r; None: LIFT's rule 2^max(0, floor(log2(C / 2L)))
+    scale: float = 1.0  # s at init
+    learnable_scale: bool = True  # LIFT's adaptformer_scale="learnable"; False keeps s fixed
+
+    def __post_init__(self) -> None:
+        check_positive("adaptformer.bottleneck", self.bottleneck)
 
 
 @register_tuner("adaptformer")
@@ -46,27 +64,25 @@ class AdaptFormer(Tuner):
 
     Registered at `blocks.{i}.mlp` as (h, m) -> m + s*A(h), h = residual stream after attention."""
 
-    def __init__(self, dim: int, num_blocks: int, bottleneck: int, blocks: list[int] | None = None) -> None:
-        super().__init__()
-        self.dim, self.bottleneck = dim, bottleneck
-        self.blocks = list(range(num_blocks)) if blocks is None else list(blocks)
-        self.adapters = nn.ModuleList(Bottleneck(dim, bottleneck) for _ in self.blocks)
+    Options = AdaptFormerOptions
+
+    def __init__(self, dim: int, num_blocks: int, options: AdaptFormerOptions) -> None:
+        if options.bottleneck is None:
+            raise ValueError("AdaptFormer needs a resolved bottleneck; use build_tuner or AdaptFormer.build")
+        super().__init__(options, range(num_blocks))
+        self.dim, self.bottleneck = dim, options.bottleneck
+        self.adapters = nn.ModuleList(
+            Bottleneck(dim, self.bottleneck, options.scale, options.learnable_scale) for _ in self.blocks
+        )
 
     @classmethod
-    def for_backbone(
-        cls, backbone: Backbone, bottleneck: int | None = None, num_classes: int | None = None, **options: Any
-    ) -> AdaptFormer:
-        """r given, or LIFT's rule from the number of classes and blocks."""
-        _unused(**options)
-        if bottleneck is None:
-            if num_classes is None:
-                raise ValueError("AdaptFormer needs bottleneck=r or num_classes for LIFT's rule")
-            bottleneck = auto_bottleneck(num_classes, backbone.num_blocks)
-        return cls(backbone.width, backbone.num_blocks, bottleneck)
+    def build(cls, backbone: Backbone, options: AdaptFormerOptions, num_classes: int | None) -> AdaptFormer:
+        r = resolve_bottleneck(options.bottleneck, num_classes, backbone.num_blocks, cls.name)
+        return cls(backbone.width, backbone.num_blocks, replace(options, bottleneck=r))
 
-    @staticmethod
-    def params_per_block(dim: int, bottleneck: int) -> int:
-        return (2 * bottleneck + 3) * dim + bottleneck + 1
+    def params_per_block(self) -> int:
+        """(2r+3)d + r + 1 with the learnable scale (METHODS.md)."""
+        return Bottleneck.num_parameters(self.dim, self.bottleneck, self.options.learnable_scale)
 
     def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:
         removers = []
@@ -78,32 +94,42 @@ class AdaptFormer(Tuner):
         return removers
 
 
-@register_tuner("adapter")
-class SequentialAdapter(Tuner):
-    """Plain (Houlsby-style) adapter after each block's MLP, in series: x <- x + W_up ReLU(W_down LN(x)) at the
-    block output (LIFT's "Adapter" row). Same bottleneck and init as AdaptFormer, no scale: (2r+2)d + r."""
+@dataclass(frozen=True)
+class AdapterOptions:
+    bottleneck: int | None = None  # r; None: LIFT's rule
 
-    def __init__(self, dim: int, num_blocks: int, bottleneck: int) -> None:
-        super().__init__()
-        self.dim, self.bottleneck = dim, bottleneck
-        self.adapters = nn.ModuleList(Bottleneck(dim, bottleneck, learnable_scale=False) for _ in range(num_blocks))
+    def __post_init__(self) -> None:
+        check_positive("adapter.bottleneck", self.bottleneck)
+
+
+@register_tuner("adapter")
+class Adapter(Tuner):
+    """LIFT's "Adapter" row: a bottleneck on the MLP branch output before the residual add, in series:
+    x = h + (m + A(m)), m = MLP(LN2(h)) (LIFT's `x = x + adapter(x)` on the MLP output). No scale, same init as
+    AdaptFormer: (2r+3)d + r parameters per block. Registered at `blocks.{i}.mlp` as (h, m) -> m + A(m)."""
+
+    Options = AdapterOptions
+
+    def __init__(self, dim: int, num_blocks: int, options: AdapterOptions) -> None:
+        if options.bottleneck is None:
+            raise ValueError("Adapter needs a resolved bottleneck; use build_tuner or Adapter.build")
+        super().__init__(options, range(num_blocks))
+        self.dim, self.bottleneck = dim, options.bottleneck
+        self.adapters = nn.ModuleList(Bottleneck(dim, self.bottleneck) for _ in self.blocks)
 
     @classmethod
-    def for_backbone(
-        cls, backbone: Backbone, bottleneck: int | None = None, num_classes: int | None = None, **options: Any
-    ) -> SequentialAdapter:
-        _unused(**options)
-        if bottleneck is None:
-            if num_classes is None:
-                raise ValueError("Adapter needs bottleneck=r or num_classes")
-            bottleneck = auto_bottleneck(num_classes, backbone.num_blocks)
-        return cls(backbone.width, backbone.num_blocks, bottleneck)
+    def build(cls, backbone: Backbone, options: AdapterOptions, num_classes: int | None) -> Adapter:
+        r = resolve_bottleneck(options.bottleneck, num_classes, backbone.num_blocks, cls.name)
+        return cls(backbone.width, backbone.num_blocks, replace(options, bottleneck=r))
+
+    def params_per_block(self) -> int:
+        return Bottleneck.num_parameters(self.dim, self.bottleneck, learnable_scale=False)
 
     def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:
         removers = []
-        for i, adapter in enumerate(self.adapters):
-            def hook(x: Tensor, a: Bottleneck = adapter) -> Tensor:
-                return x + a(x)
+        for adapter, i in zip(self.adapters, self.blocks):
+            def hook(h: Tensor, m: Tensor, a: Bottleneck = adapter) -> Tensor:
+                return m + a(m)
 
-            removers.append(backbone.hooks.add(f"blocks.{i}.out", hook))
+            removers.append(backbone.hooks.add(f"blocks.{i}.mlp", hook))
         return removers
