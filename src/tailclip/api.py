@@ -109,7 +109,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
-    results.update(method.extra_results())
+    results.update(method.results())  # training summary, selection record, then extra_results()
     return results
 
 
