@@ -134,6 +134,7 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
         if method.num_trainable() > 0:
             save_checkpoint(method, ctx)
         run_dir.write_results(evaluate(method, ctx))
+        distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
     return run_dir.path
 
 

@@ -568,8 +568,14 @@ def _evaluate_epoch(
         metric = top1(logits, sel.labels)
         if best is None or metric > best["metric"]:
             best = {"metric": metric, "epoch": epoch + 1, "head": head,
-                    "state": method.checkpoint_state() if "epochs" in selection.among else None}
+                    "state": _snapshot(method) if "epochs" in selection.among else None}
     return best
+
+
+def _snapshot(method: Method) -> dict[str, Tensor]:
+    """A copy of the checkpoint state: on CPU `checkpoint_state()` shares storage with the live parameters, which
+    the following epochs would overwrite in place."""
+    return {k: v.clone() for k, v in method.checkpoint_state().items()}
 
 
 def _micro_step(
