@@ -177,17 +177,20 @@ class LinearProbe(Method):
     def _fit_logreg(self, ctx: FitContext) -> None:
         cfg = self.cfg
         x_tr, y_tr = self._xy(ctx, "train")
+        select_on = ctx.cfg.train.select_on
+        if select_on == "paper":
+            raise ConfigError("train.select_on=paper: linear_probe declares no paper protocol; use val or none")
         has_val = "val" in ctx.task.splits
         if cfg.C is not None:
             c, trace, chosen_on = cfg.C, [], "fixed"
-        elif has_val:
+        elif has_val and select_on != "none":
             x_val, y_val = self._xy(ctx, "val")
             c, trace = search_C(x_tr, y_tr, x_val, y_val, self.num_classes, list(cfg.c_grid), cfg.search_steps,
                                 cfg.max_iter)
             chosen_on = "val"
         else:
-            c, trace, chosen_on = 0.316, [], "default (no val split)"
-            log.warning("dataset %s has no val split: using C=%g without a search", ctx.task.name, c)
+            c, trace, chosen_on = 0.316, [], "default"
+            log.warning("%s: using C=%g without a search (no val split, or train.select_on=none)", ctx.task.name, c)
         if cfg.refit_on_train_val and has_val:
             x_val, y_val = self._xy(ctx, "val")
             x_tr, y_tr = torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])
@@ -198,6 +201,8 @@ class LinearProbe(Method):
         log.info("linear probe: C=%g (chosen on %s), train acc %.2f%%", c, chosen_on,
                  100 * _accuracy(w, b, x_tr, y_tr))
         self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace}
+        self.selection = {"on": "val" if chosen_on == "val" else "none", "among": "C", "chosen": {"C": c},
+                          "selected_on_test": False}
 
     def extra_results(self) -> dict[str, Any]:
         return {"linear_probe": {"head": self.cfg.head, "feature": self.cfg.feature, **self._info}}
