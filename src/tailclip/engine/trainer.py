@@ -318,11 +318,12 @@ class _FeatureBatches:
             for mb in st.micro:
                 idx = torch.as_tensor(mb.indices, dtype=torch.long).to(device)
                 if self.spec.per == "all":
-                    batch = {k: v[:, idx].transpose(0, 1) for k, v in self.views.items()}
+                    batch = {k: v.index_select(1, idx).transpose(0, 1) for k, v in self.views.items()}
                 elif choice is not None:
                     batch = {k: v[choice[idx], idx] for k, v in self.views.items()}
-                else:  # "epoch" (or a single view)
-                    batch = {k: v[epoch % self.num_views, idx] for k, v in self.views.items()}
+                else:  # "epoch" (or a single view): a plain row gather, the cheapest indexing there is
+                    view = epoch % self.num_views
+                    batch = {k: v[view].index_select(0, idx) for k, v in self.views.items()}
                 yield batch, self.labels[idx]
 
 
