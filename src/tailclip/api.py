@@ -102,7 +102,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
-    results.update(method.extra_results())
+    results.update(method.results())  # training summary, selection record, then extra_results()
     return results
 
 
@@ -130,6 +130,7 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
         if method.num_trainable() > 0:
             save_checkpoint(method, ctx)
         run_dir.write_results(evaluate(method, ctx))
+        distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
     return run_dir.path
 
 

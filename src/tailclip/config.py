@@ -27,6 +27,7 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
 
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
+SELECT_ON = ("auto", "val", "none", "paper")
 
 
 @dataclass
@@ -72,7 +73,10 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 0
     tensorboard: bool = False
-    select_on: str = "none"  # none: keep the last epoch; val: keep the best validation epoch
+    # Model selection (engine/trainer.py): auto = val where the task has a val split, else none; val = best on
+    # the val split among what the method declares (epochs, heads); none = the last epoch; paper = the method's
+    # named paper protocol, which selects on the TEST split as the released code does (recorded in results.json)
+    select_on: str = "auto"
     sched_unit: str = "epoch"  # epoch: LR changes once an epoch (LIFT); step: every optimizer step
     warmup_type: str = "constant"  # constant: hold warmup_lr (CoOp/Candle); linear: ramp warmup_lr -> lr
     min_lr: float = 0.0  # floor of the cosine
@@ -89,7 +93,7 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be in [0, train.epochs]")
         check_choice("train.precision", self.precision, PRECISIONS)
-        check_choice("train.select_on", self.select_on, ("none", "val"))
+        check_choice("train.select_on", self.select_on, SELECT_ON)
         for key in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")

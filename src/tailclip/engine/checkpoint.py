@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "checkpoint.safetensors"
 META = "checkpoint.json"
 RESUME = "resume.pt"
-RESUME_VERSION = 1
+RESUME_VERSION = 2  # 2: epoch totals carry Output.extras; best carries the chosen head
 
 
 def save_checkpoint(method: Method, ctx: FitContext) -> Path:
@@ -50,6 +50,7 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
         "num_classes": method.num_classes,
         "classnames": ctx.task.classnames,
         "trainable_params": method.num_trainable(),
+        "active_head": method.active_head,  # the head selection chose (methods with eval_heads), else null
         "tensors": {k: list(v.shape) for k, v in state.items()},
     }
     atomic_write_text(ctx.run_dir / META, json.dumps(meta, indent=2) + "\n")
@@ -57,10 +58,15 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
 
 
 def load_checkpoint(method: Method, run_dir: Path) -> None:
+    """Trainable tensors into `method`, and the head selection chose, so a reload predicts exactly as the run."""
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise TailclipError(f"no checkpoint in {run_dir}: {path} is missing (was the run finished?)")
     method.load_checkpoint_state(load_file(str(path)))
+    meta_path = Path(run_dir) / META
+    head = json.loads(meta_path.read_text()).get("active_head") if meta_path.is_file() else None
+    if head is not None:
+        method.use_head(head)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Inference over a split: batches through the method, optional test-time crop ensembling, mixed precision.
+"""Inference over a split: batches of images (optional test-time crop ensembling) or of cached eval-view
+features through the method, as its `inputs` declares; mixed precision; every declared head's logits too.
 
 Under torchrun each rank predicts a contiguous shard of the split (no padding, so no duplicated images) and
 the shards are gathered and put back in split order on every rank."""
@@ -82,19 +83,68 @@ def ensemble_logits(forward: Callable[[Tensor], Tensor], images: Tensor) -> Tens
     return forward(images).float()
 
 
+def _stack_outputs(method: Method, images: Tensor) -> Tensor:
+    """(B, 1 + heads, C): the logits, then each declared head's, so TTE averages every head the same way."""
+    heads = method.eval_heads()
+
+    def forward(x: Tensor) -> Tensor:
+        out = method(x)
+        return torch.cat([out.logits.float()] + [out.heads[h].float() for h in heads], dim=-1)
+
+    return ensemble_logits(forward, images).view(images.shape[0], 1 + len(heads), -1)
+
+
+def predict(method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None) -> Predictions:
+    """`Method.predict`'s default: images through the method, or the split's cached features for feature methods."""
+    if method.inputs == "features":
+        return predict_features(method, ctx, split, desc)
+    return predict_images(method, ctx, split, tte, desc)
+
+
+@torch.no_grad()
+def predict_features(method: Method, ctx: FitContext, split: str, desc: str | None = None) -> Predictions:
+    """Logits of a features method on `split` from its cached eval-view features (the tensors its
+    `feature_spec()` names, each (B, ...)), in eval.batch_size chunks."""
+    from ..features import method_features
+    from ..methods.base import Predictions
+
+    fs = method_features(method, ctx, split)
+    names = method.feature_spec().tensors
+    data = {k: fs.get(k) for k in names}
+    heads = method.eval_heads()
+    bs = ctx.cfg.eval.batch_size
+    was_training = method.training
+    method.eval()
+    parts: list[Tensor] = []
+    try:
+        for i in range(0, len(fs), bs):
+            batch = {k: v[i : i + bs].to(ctx.device, torch.float32) for k, v in data.items()}
+            with autocast(ctx.device, ctx.cfg.eval.precision):
+                out = method(batch)
+            parts.append(torch.stack([out.logits.float()] + [out.heads[h].float() for h in heads], dim=1).cpu())
+    finally:
+        method.train(was_training)
+    stacked = torch.cat(parts) if parts else torch.zeros(0, 1 + len(heads), method.num_classes)
+    return Predictions(stacked[:, 0].contiguous(), fs.labels, fs.indices, list(fs.skipped),
+                       {h: stacked[:, 1 + j].contiguous() for j, h in enumerate(heads)})
+
+
 @torch.no_grad()
 def predict_images(
     method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None
 ) -> Predictions:
     """Logits of `method` on every image of `split` (averaged over crops when TTE is on; `tte` overrides
-    eval.tte, e.g. "none" for the per-epoch validation pass)."""
+    eval.tte, e.g. "none" for the per-epoch validation pass). The transform is the method's own
+    `eval_transform(tte)` when it gives one, else the backbone's preprocessing with the TTE crops."""
     from ..data.transforms import eval_transform, tte_transform
     from ..methods.base import Predictions
 
     distributed.init_distributed(ctx.device)
     pre = method.backbone.preprocess
     tte = ctx.cfg.eval.tte if tte is None else tte
-    transform = eval_transform(pre) if tte == "none" else tte_transform(pre, tte)
+    transform = method.eval_transform(tte)
+    if transform is None:
+        transform = eval_transform(pre) if tte == "none" else tte_transform(pre, tte)
     n = len(ctx.task.split(split))
     world = distributed.world_size()
     mine = distributed.shard(np.arange(n), distributed.rank(), world) if world > 1 else None
@@ -106,7 +156,7 @@ def predict_images(
         for images, labels, idx in iter_batches(loader, desc or f"eval {split}"):
             images = images.to(ctx.device, non_blocking=True)
             with autocast(ctx.device, ctx.cfg.eval.precision):
-                logits = ensemble_logits(lambda x: method(x).logits, images)
+                logits = _stack_outputs(method, images)
             all_logits.append(logits.cpu())
             all_labels.append(labels)
             all_idx.append(idx)
@@ -114,7 +164,7 @@ def predict_images(
         method.train(was_training)
     c = method.num_classes
     local = (
-        torch.cat(all_logits) if all_logits else torch.zeros(0, c),
+        torch.cat(all_logits) if all_logits else torch.zeros(0, 1 + len(method.eval_heads()), c),
         torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long),
         torch.cat(all_idx) if all_idx else torch.zeros(0, dtype=torch.long),
     )
@@ -128,4 +178,5 @@ def predict_images(
     logits, labels, idx = logits[order], labels[order], idx[order]
     seen = set(idx.tolist())
     skipped = sorted({dataset.split.images.ident(i) for i in range(n) if i not in seen})
-    return Predictions(logits, labels, idx, skipped)
+    heads = {h: logits[:, 1 + j].contiguous() for j, h in enumerate(method.eval_heads())}
+    return Predictions(logits[:, 0].contiguous(), labels, idx, skipped, heads)

@@ -4,7 +4,20 @@ only ever calls these, so every registered method runs through the same CLI, run
 
 A method is built from a `TaskInfo` (names, templates, counts, base/new classes: never images) and fitted
 with a `FitContext` whose task cannot read its test splits (`Task.guarded`). Optional behaviour is declared
-here as methods with no-op defaults that the engine always calls; nothing is discovered with `hasattr`."""
+here as methods with no-op defaults that the engine always calls; nothing is discovered with `hasattr`.
+
+How `forward(inputs, labels)` receives a batch (`Inputs`):
+- a Tensor is always a batch of images (B, 3, H, W): image methods train on these, and every method, feature
+  methods included, classifies images this way (`tailclip predict`, checkpoint reloads, the contract tests);
+- a dict of named tensors is a batch of cached features (`inputs = "features"`): the keys are the names the
+  method declares in `feature_spec().tensors` ("proj", "pre_proj", taps ...), each (B, ...) for one view or
+  (B, K, ...) when the spec asks for every view at once. `Method.encode(inputs)` turns either kind into the
+  dict, so a feature method writes its classifier once.
+
+Model selection (`train.select_on`) is one mechanism in the engine: `val` (default where a val split exists),
+`none` (the last epoch) or `paper`, the method's declared `paper_protocol`, which selects on the test split and
+is recorded as such in results.json. A method declares what may be selected among: `select_among` ("epochs",
+"heads") and, for heads, `eval_heads()` (several named logit sets of one model, returned in `Output.heads`)."""
 
 from __future__ import annotations
 
@@ -13,24 +26,63 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import RunConfig, register_method_config
+from ..config import RunConfig, TrainConfig, register_method_config
 from ..data.base import Task, TaskInfo
+from ..errors import ConfigError
 from ..registry import Registry
 
+if TYPE_CHECKING:
+    from ..engine.trainer import TrainSummary
+
 log = logging.getLogger(__name__)
+
+# A batch as forward receives it: images (B, 3, H, W), or named cached features (see the module docstring).
+Inputs = Tensor | dict[str, Tensor]
+
+VIEW_CHOICES = ("epoch", "sample", "all")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a `inputs = "features"` method trains from: named tensors of the train split's feature cache.
+
+    tensors: names read with `FeatureSet.get(name)` ("proj", "pre_proj", tap names ...).
+    views:   0: the eval view only; K: the augmented views aug0 .. aug{K-1}.
+    per:     how a batch picks among the K views: "epoch" (view e mod K in epoch e: Tip-Adapter-F), "sample" (a
+             seeded random view per sample and epoch), "all" (every view stacked: each tensor is (B, K, ...)).
+    Evaluation always reads the eval view."""
+
+    tensors: tuple[str, ...] = ("proj",)
+    views: int = 0
+    per: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise ValueError("FeatureSpec.tensors must name at least one cached tensor")
+        if self.views < 0:
+            raise ValueError(f"FeatureSpec.views={self.views} must be >= 0")
+        if self.per not in VIEW_CHOICES:
+            raise ValueError(f"FeatureSpec.per={self.per!r} is not one of {', '.join(VIEW_CHOICES)}")
+
+    def view_names(self) -> list[str]:
+        return [f"aug{k}" for k in range(self.views)] or ["eval"]
 
 
 @dataclass
 class Output:
+    """What forward returns. `extras`: scalar tensors (loss terms, gate values, learned scales) the engine logs
+    per epoch without knowing them; `heads`: named logit sets the engine can select among (see eval_heads)."""
+
     logits: Tensor
     loss: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    heads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +102,7 @@ class Predictions:
     labels: Tensor  # (N,) int64
     indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
     skipped: list[str] = field(default_factory=list)
+    heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
 
 
 class Method(nn.Module, ABC):
@@ -58,6 +111,8 @@ class Method(nn.Module, ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type | None] = None
     inputs: ClassVar[str] = "images"  # "images": runs the backbone per batch; "features": trains from the cache
+    select_among: ClassVar[tuple[str, ...]] = ("epochs",)  # what train.select_on may choose: "epochs", "heads"
+    paper_protocol: ClassVar[str] = ""  # the released code's test-set selection (train.select_on=paper); "": none
 
     def __init__(self, cfg: Any, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__()
@@ -65,12 +120,15 @@ class Method(nn.Module, ABC):
         self.backbone = backbone
         self.info = info
         self.num_classes = info.num_classes
+        self.active_head: str | None = None  # the head chosen by selection (None: forward's own default)
+        self.train_summary: TrainSummary | None = None  # set by the engine's trainer
+        self.selection: dict[str, Any] | None = None  # what was selected on which split (results.json)
         backbone.requires_grad_(False)
 
     # --- what methods implement -------------------------------------------------------------------
     @abstractmethod
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
-        """Logits for a batch of images (and the training loss when labels are given)."""
+    def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
+        """Logits for a batch of images or of cached features (and the training loss when labels are given)."""
 
     def fit(self, ctx: FitContext) -> None:
         """Train. Default: gradient training with the engine when the method has trainable parameters."""
@@ -80,19 +138,30 @@ class Method(nn.Module, ABC):
             train(self, ctx)
 
     def predict(self, ctx: FitContext, split: str) -> Predictions:
-        """Logits for a whole split. Default: the engine's image loop (with the configured TTE)."""
-        from ..engine.evaluate import predict_images
+        """Logits for a whole split. Default: the engine's loop over images (with the configured TTE) or over the
+        split's cached eval-view features, as `inputs` says."""
+        from ..engine.evaluate import predict
 
-        return predict_images(self, ctx, split)
+        return predict(self, ctx, split)
 
     # --- optional behaviour: the engine always calls these; the defaults do nothing special ----------
+    def feature_spec(self) -> FeatureSpec:
+        """The cached tensors and views a features method trains from (unused for image methods)."""
+        return FeatureSpec()
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """The training recipe: the run's `train` section, or a method's own fixed recipe built from it
+        (Tip-Adapter-F keeps its released optimizer settings in its own config)."""
+        return train
+
     def train_transform(self, epoch: int) -> Callable[[Any], Tensor] | None:
         """The image transform of training epoch `epoch`; None: RandomResizedCrop + flip from the backbone's
         preprocessing (LIFT+ overrides this for its crop schedule)."""
         return None
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor] | None:
-        """The evaluation transform for test-time ensembling mode `tte`; None: the backbone's preprocessing."""
+        """The evaluation transform for test-time ensembling mode `tte`; None: the backbone's preprocessing
+        (with the TTE crops)."""
         return None
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -100,11 +169,47 @@ class Method(nn.Module, ABC):
         schedule. Default: one group of every trainable parameter."""
         return [{"params": [p for _, p in self.trainable_parameters()]}]
 
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Called before each training epoch (0-based), also for the epoch a resumed run continues."""
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step; `step` counts optimizer steps from 1 over the whole run."""
+
+    def eval_heads(self) -> tuple[str, ...]:
+        """Names of the logit sets forward also returns in `Output.heads` (LDC's MAF / ICD / ALF); selection may
+        pick one of them when "heads" is in `select_among`. Default: none, `logits` is the prediction."""
+        return ()
+
     def extra_results(self) -> dict[str, Any]:
-        """Method-specific entries merged into results.json (chosen hyper-parameters, selection protocol...)."""
+        """Method-specific entries merged into results.json (chosen hyper-parameters ...)."""
         return {}
 
     # --- shared helpers --------------------------------------------------------------------------
+    def encode(self, inputs: Inputs) -> dict[str, Tensor]:
+        """Named features of a batch: cached features pass through; images run the (frozen or tuned) backbone,
+        giving "proj", "pre_proj" and any tap the spec names."""
+        if isinstance(inputs, dict):
+            return inputs
+        out = self.backbone.encode_image(inputs, taps=[t for t in self.feature_spec().tensors
+                                                       if t not in ("proj", "pre_proj")])
+        return {"proj": out.proj, "pre_proj": out.pre_proj, **out.taps}
+
+    def use_head(self, name: str) -> None:
+        """Predict with head `name` from now on (chosen by selection, or restored from a checkpoint)."""
+        if name not in self.eval_heads():
+            raise ConfigError(f"method {self.name!r} has no head {name!r}; its heads: {', '.join(self.eval_heads())}")
+        self.active_head = name
+
+    def results(self) -> dict[str, Any]:
+        """Everything this method adds to results.json: the engine's training summary and selection record,
+        then `extra_results()`."""
+        out: dict[str, Any] = {}
+        if self.train_summary is not None:
+            out["training"] = self.train_summary.to_dict()
+        if self.selection is not None:
+            out["selection"] = dict(self.selection)
+        return {**out, **self.extra_results()}
+
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters that train (the backbone is frozen unless a tuner unfroze part of it on purpose)."""
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

@@ -3,9 +3,10 @@
 `head: logreg` (default) is CLIP's / CoOp's linear-probe protocol: multinomial logistic regression on
 L2-normalised image features, L2 strength chosen on the validation split (coarse grid over C in 1e-6..1e6,
 then a log-space binary search around the best, as CoOp's `lpclip`), solved with full-batch L-BFGS in
-float64 (no sklearn). `head: linear | cosine` trains tailclip's heads (text-initialised) on the cached
-features with the run's optimizer settings and a CE / LA / balanced-softmax loss: seconds instead of hours,
-because the backbone never runs during training.
+float64 (no sklearn): a solver, not SGD training. `head: linear | cosine` trains tailclip's heads
+(text-initialised) on the cached features with the engine's trainer (`cfg.train`: optimizer, schedule,
+selection, resume, metrics.csv) and a CE / LA / balanced-softmax loss: seconds instead of hours, because the
+backbone never runs during training.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone
 from ..config import check_choice
-from ..data.base import Task
+from ..data.base import TaskInfo
 from ..errors import ConfigError
 from ..features import method_features
+from ..losses import build_loss
 from ..posthoc.prior import few_threads_for_small
-from .base import FitContext, Method, Output, Predictions, register_method
+from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
 
 log = logging.getLogger(__name__)
 
@@ -134,54 +136,61 @@ class LinearProbe(Method):
     Config = LinearProbeConfig
     inputs = "features"
 
-    def __init__(self, cfg: LinearProbeConfig, backbone: Backbone, task: Task) -> None:
-        super().__init__(cfg, backbone, task)
+    def __init__(self, cfg: LinearProbeConfig, backbone: Backbone, info: TaskInfo) -> None:
+        super().__init__(cfg, backbone, info)
         dim = backbone.embed_dim if cfg.feature == "proj" else backbone.width
-        self.task_templates = list(task.templates)
-        self.classnames = list(task.classnames)
         if cfg.head == "logreg":
-            self.head: nn.Module = nn.Linear(dim, task.num_classes)
+            self.head: nn.Module = nn.Linear(dim, info.num_classes)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
             from ..heads import build_head, text_init_weights
 
-            init = text_init_weights(backbone, task.classnames, task.templates, space=cfg.feature) if cfg.text_init else None
-            self.head = build_head(cfg.head, dim, task.num_classes, init, scale=cfg.cosine_scale)
+            init = text_init_weights(backbone, info.classnames, info.templates, space=cfg.feature) if cfg.text_init else None
+            self.head = build_head(cfg.head, dim, info.num_classes, init, scale=cfg.cosine_scale)
+        self.loss_fn = build_loss(cfg.loss, info.class_counts)
         self._info: dict[str, Any] = {}
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(tensors=(self.cfg.feature,))
 
     def classify(self, feats: Tensor) -> Tensor:
         return self.head(_prep(feats, self.cfg.normalize))
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
-        out = self.backbone.encode_image(images)
-        logits = self.classify(out.proj if self.cfg.feature == "proj" else out.pre_proj)
-        return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+    def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
+        logits = self.classify(self.encode(inputs)[self.cfg.feature])
+        return Output(logits, self.loss_fn(logits, labels) if labels is not None else None)
 
     def _xy(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor]:
         fs = method_features(self, ctx, split)
         return _prep(fs.get(self.cfg.feature), self.cfg.normalize), fs.labels
 
     def fit(self, ctx: FitContext) -> None:
-        x_tr, y_tr = self._xy(ctx, "train")
         if self.cfg.head == "logreg":
-            self._fit_logreg(ctx, x_tr, y_tr)
-        else:
-            self._fit_head(ctx, x_tr, y_tr)
+            self._fit_logreg(ctx)
+        else:  # gradient training of the head on the cached features: the engine's trainer
+            from ..engine.trainer import train
 
-    def _fit_logreg(self, ctx: FitContext, x_tr: Tensor, y_tr: Tensor) -> None:
+            train(self, ctx)
+            self._info = {"loss": self.cfg.loss, "epochs": ctx.cfg.train.epochs}
+
+    def _fit_logreg(self, ctx: FitContext) -> None:
         cfg = self.cfg
+        x_tr, y_tr = self._xy(ctx, "train")
+        select_on = ctx.cfg.train.select_on
+        if select_on == "paper":
+            raise ConfigError("train.select_on=paper: linear_probe declares no paper protocol; use val or none")
         has_val = "val" in ctx.task.splits
         if cfg.C is not None:
             c, trace, chosen_on = cfg.C, [], "fixed"
-        elif has_val:
+        elif has_val and select_on != "none":
             x_val, y_val = self._xy(ctx, "val")
             c, trace = search_C(x_tr, y_tr, x_val, y_val, self.num_classes, list(cfg.c_grid), cfg.search_steps,
                                 cfg.max_iter)
             chosen_on = "val"
         else:
-            c, trace, chosen_on = 0.316, [], "default (no val split)"
-            log.warning("dataset %s has no val split: using C=%g without a search", ctx.task.name, c)
+            c, trace, chosen_on = 0.316, [], "default"
+            log.warning("%s: using C=%g without a search (no val split, or train.select_on=none)", ctx.task.name, c)
         if cfg.refit_on_train_val and has_val:
             x_val, y_val = self._xy(ctx, "val")
             x_tr, y_tr = torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])
@@ -192,47 +201,8 @@ class LinearProbe(Method):
         log.info("linear probe: C=%g (chosen on %s), train acc %.2f%%", c, chosen_on,
                  100 * _accuracy(w, b, x_tr, y_tr))
         self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace}
-
-    def _fit_head(self, ctx: FitContext, x_tr: Tensor, y_tr: Tensor) -> None:
-        """Mini-batch training of a cosine/linear head on cached features (cfg.train: optimizer, lr, epochs...)."""
-        from ..losses import build_loss
-
-        tc = ctx.cfg.train
-        loss_fn = build_loss(self.cfg.loss, ctx.task.class_counts).to(ctx.device)
-        params = [p for p in self.head.parameters() if p.requires_grad]
-        if tc.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum,
-                                                         weight_decay=tc.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=tc.lr, eps=tc.eps, weight_decay=tc.weight_decay)
-        steps_per_epoch = math.ceil(len(y_tr) / tc.batch_size)
-        total = tc.epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) if tc.scheduler == "cosine" else (lambda s: 1.0)
-        )
-        gen = torch.Generator().manual_seed(tc.seed)
-        x_tr, y_tr = x_tr.to(ctx.device), y_tr.to(ctx.device)
-        self.head.train()
-        for epoch in range(tc.epochs):
-            perm = torch.randperm(len(y_tr), generator=gen).to(ctx.device)
-            total_loss = 0.0
-            for i in range(0, len(perm), tc.batch_size):
-                idx = perm[i : i + tc.batch_size]
-                loss = loss_fn(self.head(x_tr[idx]), y_tr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total_loss += float(loss.detach()) * len(idx)
-            log.info("head epoch %d/%d loss %.4f", epoch + 1, tc.epochs, total_loss / len(y_tr))
-        self.head.eval()
-        self._info = {"head": self.cfg.head, "loss": self.cfg.loss, "epochs": tc.epochs}
-
-    @torch.no_grad()
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
-        fs = method_features(self, ctx, split)
-        logits = self.classify(fs.get(self.cfg.feature).to(ctx.device)).float().cpu()
-        return Predictions(logits, fs.labels, fs.indices, list(fs.skipped))
+        self.selection = {"on": "val" if chosen_on == "val" else "none", "among": "C", "chosen": {"C": c},
+                          "selected_on_test": False}
 
     def extra_results(self) -> dict[str, Any]:
         return {"linear_probe": {"head": self.cfg.head, "feature": self.cfg.feature, **self._info}}

@@ -3,23 +3,28 @@
 Cache model: keys = L2-normalised mean of the few-shot train features over `augment_views` augmented views
 (RandomResizedCrop scale 0.5-1 + flip, each view cached once), values = one-hot labels;
 logits = 100 f W^T + alpha * exp(-beta (1 - f Keys^T)) Values, f the normalised test feature, W the text
-classifier. alpha, beta are grid-searched on the validation split (official grid: beta in
-0.1..search_scale[0], alpha in 0.1..search_scale[1], search_step points each).
+classifier. alpha, beta are grid-searched (official grid: beta in 0.1..search_scale[0], alpha in
+0.1..search_scale[1], search_step points each; the first best pair wins).
 
-Tip-Adapter-F makes the keys trainable (AdamW lr 1e-3, eps 1e-4, batch 256, 20 epochs, cosine over
-iterations); epoch e trains on augmented view e mod augment_views from the cache (the released code draws a
-fresh augmentation each epoch: with 10 cached views the difference is which random crops are seen). The best
-epoch is chosen on the validation split. `paper_protocol: true` reproduces the released script instead: best
-epoch on the *test* split, then alpha/beta searched on val, and the better of the two test accuracies kept;
-results.json then says `selected_on_test: true`.
+Tip-Adapter-F makes the keys trainable with the engine's trainer and its released recipe (AdamW lr 1e-3, eps
+1e-4, batch 256, 20 epochs, cosine over iterations: `train_config`); epoch e trains on augmented view e mod
+augment_views from the cache (the released code draws a fresh augmentation each epoch: with 10 cached views the
+difference is which random crops are seen). Loss and gradients equal the released loop on identical inputs.
+
+Selection follows `train.select_on` like every method:
+- val (default where a val split exists): Tip-Adapter-F's best epoch, then alpha/beta, on the val split;
+- none: the last epoch and the initial alpha/beta;
+- paper: the released scripts (`main.py`, `main_imagenet.py`). Datasets with a val split (the CoOp datasets):
+  alpha/beta searched on the *full* val split (the released datasets subsample only train), Tip-Adapter-F's best
+  epoch on the TEST split at the initial alpha/beta, and the better of that test accuracy and the searched one
+  kept (its `max(best_acc, acc)`). Datasets without a val split (ImageNet): alpha/beta searched on the TEST split
+  too, for both methods. results.json's "selection" records every such choice with `selected_on_test`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..data.base import Task
+from ..config import TrainConfig
+from ..data.base import TaskInfo
 from ..errors import ConfigError
 from ..features import method_features
-from .base import FitContext, Method, Output, Predictions, register_method
+from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
 from .zeroshot import zeroshot_weights
 
 log = logging.getLogger(__name__)
+
+PAPER = ("released Tip-Adapter scripts: alpha/beta searched on the full val split (on the TEST split where the "
+         "dataset has none, as main_imagenet.py)")
+PAPER_F = ("released Tip-Adapter-F scripts: best epoch on the TEST split; alpha/beta searched on the full val split "
+           "and the better of the two TEST accuracies kept (main.py), or searched on the TEST split where the dataset "
+           "has no val split (main_imagenet.py)")
 
 
 @dataclass
@@ -42,17 +54,16 @@ class TipAdapterConfig:
     augment_views: int = 10  # augmented views of the train split averaged into the keys (0: eval view only)
     init_alpha: float = 1.0  # residual ratio before the search (per-dataset values in configs/tip_adapter)
     init_beta: float = 1.0  # sharpness
-    search: bool = True  # grid-search alpha/beta on the validation split
     search_scale: list[float] = field(default_factory=lambda: [7.0, 3.0])  # [beta max, alpha max]
     search_step: list[int] = field(default_factory=lambda: [200, 20])  # [beta points, alpha points]
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    # Tip-Adapter-F only
+    # Tip-Adapter-F's training recipe (its released values; the run's train section supplies seed, precision,
+    # selection and resume settings)
     epochs: int = 20
     lr: float = 1e-3
     eps: float = 1e-4
     weight_decay: float = 0.01  # torch AdamW default, as in the released code
     batch_size: int = 256
-    paper_protocol: bool = False  # select the best epoch on the TEST split, as the released script does
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -95,19 +106,20 @@ class TipAdapter(Method):
 
     Config = TipAdapterConfig
     inputs = "features"
+    select_among = ()  # nothing trains: only alpha/beta are chosen
+    paper_protocol = PAPER
     finetune = False
 
-    def __init__(self, cfg: TipAdapterConfig, backbone: Backbone, task: Task) -> None:
-        super().__init__(cfg, backbone, task)
+    def __init__(self, cfg: TipAdapterConfig, backbone: Backbone, info: TaskInfo) -> None:
+        super().__init__(cfg, backbone, info)
         self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, task).float())
-        n_train = task.num_train
-        keys = torch.zeros(n_train, backbone.embed_dim)
+        self.register_buffer("text_weights", zeroshot_weights(backbone, info).float())
+        keys = torch.zeros(info.num_train, backbone.embed_dim)
         if self.finetune:
             self.keys = nn.Parameter(keys)
         else:
             self.register_buffer("keys", keys)
-        self.register_buffer("values", torch.zeros(n_train, task.num_classes))
+        self.register_buffer("values", torch.zeros(info.num_train, info.num_classes))
         self.register_buffer("alpha_beta", torch.tensor([cfg.init_alpha, cfg.init_beta]))
         self._info: dict[str, Any] = {}
 
@@ -119,148 +131,128 @@ class TipAdapter(Method):
     def beta(self) -> float:
         return float(self.alpha_beta[1])
 
-    def logits_from_features(self, proj: Tensor, alpha: float | None = None, beta: float | None = None,
-                             keys: Tensor | None = None) -> Tensor:
-        f = F.normalize(proj.float(), dim=-1)
-        return tip_logits(f, self.text_weights, self.keys if keys is None else keys, self.values,
-                          self.alpha if alpha is None else alpha, self.beta if beta is None else beta, self.scale)
+    def feature_spec(self) -> FeatureSpec:
+        """Training (Tip-Adapter-F) reads projected features of view e mod K in epoch e."""
+        return FeatureSpec(tensors=("proj",), views=self.cfg.augment_views, per="epoch")
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
-        logits = self.logits_from_features(self.backbone.encode_image(images).proj)
+    def logits_from_features(self, proj: Tensor, alpha: float | None = None, beta: float | None = None) -> Tensor:
+        f = F.normalize(proj.float(), dim=-1)
+        return tip_logits(f, self.text_weights, self.keys, self.values, self.alpha if alpha is None else alpha,
+                          self.beta if beta is None else beta, self.scale)
+
+    def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
+        logits = self.logits_from_features(self.encode(inputs)["proj"])
         return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
 
     # ------------------------------------------------------------------ building the cache model
-    def _train_views(self, ctx: FitContext) -> list[Tensor]:
-        """Per view, the (N, D) un-normalised train features in a common row order, plus labels/indices check."""
-        views = [f"aug{k}" for k in range(self.cfg.augment_views)] or ["eval"]
-        sets = [method_features(self, ctx, "train", view=v) for v in views]
-        ref = sets[0]
+    @torch.no_grad()
+    def _build_cache(self, ctx: FitContext) -> None:
+        """keys = normalised mean over the cached views of the raw train features; values = one-hot labels."""
+        sets = [method_features(self, ctx, "train", view=v) for v in self.feature_spec().view_names()]
         for fs in sets[1:]:
-            if not torch.equal(fs.indices, ref.indices):
+            if not torch.equal(fs.indices, sets[0].indices):
                 raise RuntimeError("augmented views of the train split cover different images")
-        self._train_labels = ref.labels
-        return [fs.proj.float() for fs in sets]
+        keys = F.normalize(torch.stack([fs.proj.float() for fs in sets]).mean(dim=0), dim=-1).to(self.keys.device)
+        values = F.one_hot(sets[0].labels, self.num_classes).float().to(self.values.device)
+        if self.keys.shape != keys.shape:  # some train images were skipped as unreadable
+            log.warning("cache model has %d keys (train split has %d images)", keys.shape[0], self.keys.shape[0])
+            self.keys = nn.Parameter(keys.clone()) if isinstance(self.keys, nn.Parameter) else keys.clone()
+            self.values = values
+        else:
+            self.keys.copy_(keys)
+            self.values.copy_(values)
 
-    def _build_cache(self, ctx: FitContext) -> list[Tensor]:
-        views = self._train_views(ctx)
-        keys = F.normalize(torch.stack(views).mean(dim=0), dim=-1)  # mean of raw features, then normalise
-        values = F.one_hot(self._train_labels, self.num_classes).float()
-        with torch.no_grad():
-            if self.keys.shape != keys.shape:  # some train images were skipped as unreadable
-                log.warning("cache model has %d keys (train split has %d images)", keys.shape[0], self.keys.shape[0])
-                if isinstance(self.keys, nn.Parameter):
-                    self.keys = nn.Parameter(keys.clone())
-                else:
-                    self.keys = keys.clone()
-                self.values = values
-            else:
-                self.keys.copy_(keys)
-                self.values.copy_(values)
-        return views
+    # ------------------------------------------------------------------ choosing alpha / beta
+    def _search_source(self, ctx: FitContext) -> tuple[FitContext, str, str] | None:
+        """(context to read with, split, label) alpha/beta are searched on, as train.select_on says; None: keep
+        the initial values (select_on=none, or no val split)."""
+        mode = ctx.cfg.train.select_on
+        if mode == "paper":
+            from ..data.registry import build_task
 
-    def _search(self, ctx: FitContext, keys: Tensor | None = None) -> None:
-        if not self.cfg.search:
-            return
+            full = build_task(dataclasses.replace(ctx.cfg.data, shots=None))
+            if "val" in full.splits:
+                return dataclasses.replace(ctx, task=full.guarded()), "val", "val (full split)"
+            return dataclasses.replace(ctx, task=ctx.task.unguarded()), "test", "test"
+        if mode == "none":
+            return None
         if "val" not in ctx.task.splits:
             log.warning("dataset %s has no val split: keeping alpha=%g beta=%g", ctx.task.name, self.alpha, self.beta)
-            return
-        val = method_features(self, ctx, "val")
-        f = F.normalize(val.proj.float(), dim=-1)
-        alpha, beta, acc = search_alpha_beta(f, val.labels, self.text_weights, self.keys.detach() if keys is None else keys,
+            return None
+        return ctx, "val", "val"
+
+    @torch.no_grad()
+    def _search(self, ctx: FitContext) -> dict[str, Any]:
+        """Search alpha/beta where `_search_source` says; returns the record of the choice."""
+        source = self._search_source(ctx)
+        if source is None:
+            return {"on": "none", "alpha": self.alpha, "beta": self.beta}
+        sctx, split, label = source
+        fs = method_features(self, sctx, split)
+        f = F.normalize(fs.proj.float(), dim=-1).to(self.keys.device)
+        alpha, beta, acc = search_alpha_beta(f, fs.labels.to(f.device), self.text_weights, self.keys.detach(),
                                              self.values, self.scale, self.cfg.search_scale, self.cfg.search_step)
         self.alpha_beta.copy_(torch.tensor([alpha, beta]))
-        self._info.update({"alpha": alpha, "beta": beta, "search_val_top1": acc})
-        log.info("alpha=%.3f beta=%.3f (val top-1 %.2f%%)", alpha, beta, acc)
+        log.info("alpha=%.3f beta=%.3f (%s top-1 %.2f%%)", alpha, beta, label, acc)
+        return {"on": label, "alpha": alpha, "beta": beta, f"{split}_top1": acc, "selected_on_test": split == "test"}
 
-    @torch.no_grad()
+    def _record_search(self, record: dict[str, Any], paper: str) -> None:
+        on_test = bool(record.pop("selected_on_test", False))
+        self.selection = {"on": record["on"], "among": "alpha and beta", "chosen": record, "selected_on_test": on_test}
+        if paper:
+            self.selection["protocol"] = paper
+
     def fit(self, ctx: FitContext) -> None:
         self._build_cache(ctx)
-        self._search(ctx)
-        self._info.setdefault("alpha", self.alpha)
-        self._info.setdefault("beta", self.beta)
-        self._info["num_keys"] = int(self.keys.shape[0])
-        self._info["augment_views"] = self.cfg.augment_views
-
-    @torch.no_grad()
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
-        fs = method_features(self, ctx, split)
-        logits = self.logits_from_features(fs.proj.to(self.keys.device)).cpu()
-        return Predictions(logits, fs.labels, fs.indices, list(fs.skipped))
+        record = self._search(ctx)
+        self._record_search(record, self.paper_protocol if ctx.cfg.train.select_on == "paper" else "")
+        self._info.update({"alpha": self.alpha, "beta": self.beta, "num_keys": int(self.keys.shape[0]),
+                           "augment_views": self.cfg.augment_views})
 
     def extra_results(self) -> dict[str, Any]:
-        return {"tip_adapter": dict(self._info)}
+        return {self.name: dict(self._info)}
 
 
 @register_method("tip_adapter_f")
 class TipAdapterF(TipAdapter):
-    """Tip-Adapter-F: the cache keys are fine-tuned (AdamW, 20 epochs); best epoch on val unless paper_protocol."""
+    """Tip-Adapter-F: the cache keys are fine-tuned (AdamW, 20 epochs) by the engine's trainer; best epoch on val."""
 
     finetune = True
+    select_among = ("epochs",)
+    paper_protocol = PAPER_F
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """The released recipe from this method's config; seed, precision, selection, resume from `train`."""
+        cfg = self.cfg
+        return dataclasses.replace(
+            train, optimizer="adamw", lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+            epochs=cfg.epochs, scheduler="cosine", sched_unit="step", warmup_epochs=0, min_lr=0.0, clip_grad_norm=None,
+            val_every=1,
+        )
 
     def fit(self, ctx: FitContext) -> None:
-        cfg = self.cfg
-        with torch.no_grad():
-            views = self._build_cache(ctx)
-        views = [F.normalize(v, dim=-1).to(self.keys.device) for v in views]
-        labels = self._train_labels.to(self.keys.device)
-        select_split = "test" if cfg.paper_protocol else "val"
-        if select_split not in ctx.task.splits:
-            log.warning("no %s split: keeping the last epoch", select_split)
-            select = None
-        else:
-            sel_ctx = dataclasses.replace(ctx, task=ctx.task.unguarded()) if cfg.paper_protocol else ctx
-            sel = method_features(self, sel_ctx, select_split)
-            select = (F.normalize(sel.proj.float(), dim=-1).to(self.keys.device), sel.labels.to(self.keys.device))
-        opt = torch.optim.AdamW([self.keys], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        steps = math.ceil(len(labels) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps)
-        gen = torch.Generator().manual_seed(ctx.cfg.train.seed)
-        alpha, beta = cfg.init_alpha, cfg.init_beta
-        best_acc, best_epoch, best_keys = -1.0, -1, self.keys.detach().clone()
-        history = []
-        for epoch in range(cfg.epochs):
-            x = views[epoch % len(views)]
-            perm = torch.randperm(len(labels), generator=gen).to(labels.device)
-            loss_sum = 0.0
-            for i in range(0, len(perm), cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                f = x[idx]
-                logits = tip_logits(f, self.text_weights, self.keys, self.values, alpha, beta, self.scale)
-                loss = F.cross_entropy(logits, labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += float(loss.detach()) * len(idx)
-            row: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss_sum / len(labels)}
-            if select is not None:
-                with torch.no_grad():
-                    acc = 100.0 * float(tip_logits(select[0], self.text_weights, self.keys, self.values, alpha, beta,
-                                                   self.scale).argmax(-1).eq(select[1]).float().mean())
-                row[f"{select_split}_top1"] = acc
-                if acc > best_acc:
-                    best_acc, best_epoch, best_keys = acc, epoch + 1, self.keys.detach().clone()
-            history.append(row)
-            log.info("tip-adapter-f epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, row["train_loss"],
-                     f" {select_split} top-1 {row.get(f'{select_split}_top1', float('nan')):.2f}" if select else "")
-        with torch.no_grad():
-            if select is not None:
-                self.keys.copy_(best_keys)
-            self._info.update({"best_epoch": best_epoch if select is not None else cfg.epochs,
-                               "epoch_selected_on": select_split if select is not None else "last",
-                               "selected_on_test": bool(cfg.paper_protocol), "history": history})
-            self._search(ctx)
-            if cfg.paper_protocol and select is not None:
-                # the released script reports max(best-epoch test acc at the initial alpha/beta, searched test acc)
-                searched = 100.0 * float(self.logits_from_features(select[0]).argmax(-1).eq(select[1]).float().mean())
-                if best_acc > searched:
-                    self.alpha_beta.copy_(torch.tensor([alpha, beta]))
-                    self._info.update({"alpha": alpha, "beta": beta, "kept_initial_alpha_beta_on_test": True})
-                self._info["protocol"] = "paper (released Tip-Adapter-F script): selects on the TEST split"
-        self._info.setdefault("alpha", self.alpha)
-        self._info.setdefault("beta", self.beta)
-        self._info["num_keys"] = int(self.keys.shape[0])
-        self._info["augment_views"] = cfg.augment_views
+        from ..engine.trainer import train
 
-    def extra_results(self) -> dict[str, Any]:
-        return {"tip_adapter_f": copy.deepcopy(self._info), "selected_on_test": bool(self.cfg.paper_protocol)}
+        self._build_cache(ctx)
+        self.alpha_beta.copy_(torch.tensor([self.cfg.init_alpha, self.cfg.init_beta]))  # training uses the initial pair
+        summary = train(self, ctx)  # selects the epoch per train.select_on and records it in self.selection
+        epochs = dict(self.selection or {})
+        paper = ctx.cfg.train.select_on == "paper"
+        record = self._search(ctx)
+        if paper and record["on"] != "test" and summary.best_metric is not None:
+            # main.py reports max(best-epoch test acc at the initial alpha/beta, test acc at the searched pair)
+            test = method_features(self, dataclasses.replace(ctx, task=ctx.task.unguarded()), "test")
+            with torch.no_grad():
+                logits = self.logits_from_features(test.proj.to(self.keys.device))
+            searched = 100.0 * float(logits.argmax(-1).cpu().eq(test.labels).float().mean())
+            record["test_top1_searched"] = searched
+            if summary.best_metric > searched:
+                self.alpha_beta.copy_(torch.tensor([self.cfg.init_alpha, self.cfg.init_beta]))
+                record.update(alpha=self.cfg.init_alpha, beta=self.cfg.init_beta, kept_initial_on_test=True)
+            record["selected_on_test"] = True
+        self._record_search(record, self.paper_protocol if paper else "")
+        assert self.selection is not None
+        self.selection = {**epochs, "alpha_beta": self.selection,
+                          "selected_on_test": bool(epochs.get("selected_on_test")) or self.selection["selected_on_test"]}
+        self._info.update({"alpha": self.alpha, "beta": self.beta, "num_keys": int(self.keys.shape[0]),
+                           "augment_views": self.cfg.augment_views})
