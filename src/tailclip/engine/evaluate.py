@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +21,20 @@ from ..data.base import LabeledImages, collate_skip_none
 from . import distributed
 
 if TYPE_CHECKING:
-    from ..methods.base import FitContext, Method, Predictions
+    from ..methods.base import FitContext, Method
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    """Logits of a whole split, rows in split order of the images that could be read."""
+
+    logits: Tensor  # (N, C) float32 on CPU
+    labels: Tensor  # (N,) int64
+    indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
+    skipped: list[str] = field(default_factory=list)
+    heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,10 +117,7 @@ def predict(method: Method, ctx: FitContext, split: str, tte: str | None = None,
 def predict_features(method: Method, ctx: FitContext, split: str, desc: str | None = None) -> Predictions:
     """Logits of a features method on `split` from its cached eval-view features (the tensors its
     `feature_spec()` names, each (B, ...)), in eval.batch_size chunks."""
-    from ..features import method_features
-    from ..methods.base import Predictions
-
-    fs = method_features(method, ctx, split)
+    fs = method.cached_features(ctx, split)
     names = method.feature_spec().tensors
     data = {k: fs.get(k) for k in names}
     heads = method.eval_heads()
@@ -137,7 +146,6 @@ def predict_images(
     eval.tte, e.g. "none" for the per-epoch validation pass). The transform is the method's own
     `eval_transform(tte)` when it gives one, else the backbone's preprocessing with the TTE crops."""
     from ..data.transforms import eval_transform, tte_transform
-    from ..methods.base import Predictions
 
     distributed.init_distributed(ctx.device)
     pre = method.backbone.preprocess

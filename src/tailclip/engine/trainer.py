@@ -54,12 +54,12 @@ from .checkpoint import (
     save_resume_state,
     set_rng_state,
 )
-from .evaluate import autocast, autocast_dtype, predict
+from .evaluate import Predictions, autocast, autocast_dtype, predict
 from .schedule import learning_rate
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
-    from ..methods.base import FitContext, Inputs, Method, Predictions
+    from ..methods.base import FitContext, Inputs, Method
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +291,9 @@ class _FeatureBatches:
     Rows are the images the cache could read, in split order; every view must hold the same rows."""
 
     def __init__(self, method: Method, ctx: FitContext, cfg: TrainConfig) -> None:
-        from ..features import method_features
-
         self.spec = method.feature_spec()
         self.seed = cfg.seed
-        sets = [method_features(method, ctx, "train", view=v) for v in self.spec.view_names()]
+        sets = [method.cached_features(ctx, "train", view=v) for v in self.spec.view_names()]
         for fs in sets[1:]:
             if not torch.equal(fs.indices, sets[0].indices):
                 raise RuntimeError("the cached views of the train split cover different images")

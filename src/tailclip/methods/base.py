@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone
 from ..config import RunConfig, TrainConfig, register_method_config
 from ..data.base import Task, TaskInfo
+from ..engine.evaluate import Predictions
 from ..errors import ConfigError
+from ..features import DEFAULT_AUG, AugSpec, FeatureSet, method_features
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -56,11 +58,13 @@ class FeatureSpec:
     views:   0: the eval view only; K: the augmented views aug0 .. aug{K-1}.
     per:     how a batch picks among the K views: "epoch" (view e mod K in epoch e: Tip-Adapter-F), "sample" (a
              seeded random view per sample and epoch), "all" (every view stacked: each tensor is (B, K, ...)).
-    Evaluation always reads the eval view."""
+    Evaluation always reads the eval view. Names other than proj/pre_proj are backbone taps."""
 
     tensors: tuple[str, ...] = ("proj",)
     views: int = 0
     per: str = "epoch"
+    augment: AugSpec = DEFAULT_AUG  # the augmented views' crop/flip (Tip-Adapter: scale 0.5-1; LDC: 0.8-1 bicubic)
+    dtype: str | None = None  # storage dtype of taps in the cache (float16 halves their size); proj/pre_proj: fp32
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -94,15 +98,6 @@ class FitContext:
     task: Task
     run_dir: Path
     device: torch.device
-
-
-@dataclass
-class Predictions:
-    logits: Tensor  # (N, C) float32 on CPU
-    labels: Tensor  # (N,) int64
-    indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
-    skipped: list[str] = field(default_factory=list)
-    heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
 
 
 class Method(nn.Module, ABC):
@@ -148,6 +143,13 @@ class Method(nn.Module, ABC):
     def feature_spec(self) -> FeatureSpec:
         """The cached tensors and views a features method trains from (unused for image methods)."""
         return FeatureSpec()
+
+    def cached_features(self, ctx: FitContext, split: str, view: str = "eval") -> FeatureSet:
+        """The feature-cache entry of `split` (view "eval" or "aug<k>") holding what `feature_spec` names. The
+        engine asks the method rather than the cache, so the engine never depends on the feature package."""
+        spec = self.feature_spec()
+        taps = tuple(n for n in spec.tensors if n not in ("proj", "pre_proj"))
+        return method_features(self, ctx, split, view=view, taps=taps, dtype=spec.dtype, transform=spec.augment)
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """The training recipe: the run's `train` section, or a method's own fixed recipe built from it
