@@ -149,7 +149,8 @@ class Method(nn.Module, ABC):
         engine asks the method rather than the cache, so the engine never depends on the feature package."""
         spec = self.feature_spec()
         taps = tuple(n for n in spec.tensors if n not in ("proj", "pre_proj"))
-        return method_features(self, ctx, split, view=view, taps=taps, dtype=spec.dtype, transform=spec.augment)
+        augment = None if view == "eval" else spec.augment
+        return method_features(self, ctx, split, view=view, taps=taps, dtype=spec.dtype, transform=augment)
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """The training recipe: the run's `train` section, or a method's own fixed recipe built from it
