@@ -193,7 +193,7 @@ def test_gla_reliability_recovers_the_zero_shot_logits(tmp_path: Path) -> None:
 
 
 class _Checker(HTMLParser):
-    VOID = {"meta", "img", "br", "hr", "link", "input"}
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -312,6 +312,10 @@ def test_paper_targets_match_their_own_presets() -> None:
 
 
 def test_average_over_the_eleven_datasets_matches_the_ldc_row(tmp_path: Path) -> None:
+    from tailclip.data import load_all  # noqa: F401  (registers every dataset)
+    from tailclip.data.registry import DATASETS
+
+    assert set(AVERAGE_DATASETS) <= set(DATASETS)  # the names grids record as their dataset
     paths = []
     for i, dataset in enumerate(AVERAGE_DATASETS):
         write_grid(tmp_path / dataset, {(16, 1): 70.0 + i, (16, 2): 72.0 + i}, method="ldc", dataset=dataset,

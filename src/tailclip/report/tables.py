@@ -92,7 +92,7 @@ def build_table(rows: Sequence[Row], pm: str = " ± ", delta: str = "Δ") -> Tab
         elif any(get(r) for r in rows):
             columns.append(Column(name, get, numeric=name == "K"))
     if any(r.kind != "run" for r in rows):
-        columns.append(Column("seeds", lambda r: str(r.seeds)))
+        columns.append(Column("seeds", lambda r: "" if r.kind == "run" else str(r.seeds)))
     for key, title in METRICS:
         if any(key in r.stats for r in rows):
             columns.append(Column(title, lambda r, k=key: fmt_stat(r, k, pm)))
