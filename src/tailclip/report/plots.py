@@ -57,12 +57,15 @@ def slug(text: str) -> str:
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    import matplotlib
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in FORMATS:
-        path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, format=fmt, dpi=110)
-        paths.append(path)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: editable, smaller, faster
+        for fmt in FORMATS:
+            path = out_dir / f"{name}.{fmt}"
+            fig.savefig(path, format=fmt, dpi=110)
+            paths.append(path)
     return paths
 
 
