@@ -182,16 +182,3 @@ def param_report(method: Method) -> str:
     lines.append(f"{'backbone (frozen unless listed)':<40} {total_backbone:>12,}")
     return "\n".join(lines)
 
-
-SUMMARY_KEYS = ("top1", "many", "medium", "few")
-B2N_KEYS = ("base", "new", "hm")
-
-
-def format_table(rows: list[tuple[str, dict[str, Any]]], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
-    """A small fixed-width table of results (percent), one row per (label, results)."""
-    width = max([len(label) for label, _ in rows] + [6])
-    lines = [f"{'':<{width}}  " + "  ".join(f"{k:>7}" for k in keys)]
-    for label, res in rows:
-        cells = ["    n/a" if res.get(k) is None else f"{res[k]:7.2f}" for k in keys]
-        lines.append(f"{label:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)

@@ -55,8 +55,8 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from .api import format_table
     from .engine.runs import RunDir
+    from .report import format_table
 
     res = RunDir(run_dir).read_results()
     typer.echo(format_table([(f"{res['method']} on {res['dataset']}", res)]))
@@ -238,18 +238,29 @@ def verify_data(
 
 @app.command()
 @_guard
-def report(runs: Annotated[list[Path], typer.Argument(help="run folders")]) -> None:
-    """Aggregate run folders' results.json into one table (never scrapes logs)."""
-    from .api import format_table
-    from .engine.runs import RunDir
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, grid folders, or folders holding them")],
+    out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <the folder given>/report, "
+                                             "or <their common parent>/report)")] = None,
+    formats: Annotated[str, typer.Option("--format", help="md,csv (always) plus latex and/or html")] = "md,csv",
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="draw the plots (needs matplotlib)")] = True,
+) -> None:
+    """Compare runs and few-shot grids: one table (Markdown, CSV; LaTeX, HTML on request) and plots.
+    Unfinished or unreadable folders are listed under the table, never fatal."""
+    import os
 
-    rows = []
-    for path in runs:
-        if not (path / "results.json").is_file():
-            raise TailclipError(f"{path} has no results.json (not a finished run folder)")
-        res = RunDir(path).read_results()
-        rows.append((f"{path.name}", res))
-    typer.echo(format_table(rows))
+    from .report import report_runs
+
+    _setup_logging()
+    if out is None:
+        one = len(runs) == 1 and runs[0].is_dir()
+        base = runs[0] if one else Path(os.path.commonpath([p.resolve().parent for p in runs]))
+        out = base / "report"
+    files = report_runs(runs, out, formats, plots=plots)
+    typer.echo(files["report.md"].read_text())
+    typer.echo("written: " + ", ".join(str(p) for name, p in files.items() if "/" not in name))
+    if any(name.startswith("plots/") for name in files):
+        typer.echo(f"plots: {out / 'plots'}")
 
 
 @app.command()

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .api import format_table, load_config, run
+from .api import load_config, run
 from .engine.runs import RunDir
+from .report import format_table
 
 BASE = ["model.name=synthetic:tiny-clip", "data.name=synth-lt", "data.imbalance_ratio=100"]
 
