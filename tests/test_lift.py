@@ -109,7 +109,7 @@ def test_lift_plus_switches_change_the_train_transform(tiny_backbone) -> None:
     method = _lift(tiny_backbone, ["lift.crop=square_schedule", "lift.flip=false", "lift.interpolation=bicubic",
                                    "lift.crop_min_scale=0.5"])
     try:
-        method.num_epochs_hint = 5
+        method.on_epoch_start(0, 5)
         first, last = method.train_transform(0).transforms[0], method.train_transform(4).transforms[0]
         assert isinstance(first, T.RandomResizedCrop) and first.ratio == (1.0, 1.0)
         assert first.scale == (0.5, 1.0) and last.scale == (1.0, 1.0)

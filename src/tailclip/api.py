@@ -24,6 +24,7 @@ from .errors import TailclipError
 from .io import atomic_save_tensors, write_json
 from .methods import FitContext, Method, Predictions
 from .methods.loading import build, load_trained
+from .report import write_run_plots
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,15 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
         if method.num_trainable() > 0:
             save_checkpoint(method, ctx)
         run_dir.write_results(evaluate(method, ctx))
+        _plots(cfg, run_dir.path)
         distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
     return run_dir.path
+
+
+def _plots(cfg: RunConfig, path: Path) -> None:
+    """Per-run plots (RUN_DIR/plots) on the main process; they never fail a finished run."""
+    if cfg.eval.plots and distributed.is_main_process():
+        write_run_plots(path)
 
 
 def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Path:
@@ -144,6 +152,7 @@ def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Pa
     with out:
         out.write_config(cfg)
         out.write_results(evaluate(method, FitContext(cfg, task, out.path, device)))
+        _plots(cfg, out.path)
     return out.path
 
 

@@ -107,6 +107,7 @@ class EvalConfig:
     tte: str = "none"  # test-time ensembling: none | five_crop | ten_crop
     precision: str = "fp32"
     splits: list[str] = field(default_factory=lambda: ["test"])
+    plots: bool = True  # write RUN_DIR/plots (matplotlib, when installed) once the run is evaluated
 
     def __post_init__(self) -> None:
         check_choice("eval.tte", self.tte, ("none", "five_crop", "ten_crop"))

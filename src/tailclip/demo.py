@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import load_config, run
-from .engine.runs import RunDir
-from .report import format_table
+from .report import report_runs
 
-BASE = ["model.name=synthetic:tiny-clip", "data.name=synth-lt", "data.imbalance_ratio=100"]
+# eval.plots=false: the demo's report draws the plots of every row at the end, once
+BASE = ["model.name=synthetic:tiny-clip", "data.name=synth-lt", "data.imbalance_ratio=100", "eval.plots=false"]
 
 
 @dataclass
@@ -60,10 +60,11 @@ ROWS: list[DemoRow] = [
 
 def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> str:
     out = Path(output_dir)
-    results = []
+    paths = []
     for row in ROWS:
         overrides = [o.format(out=out) for o in BASE + row.overrides + (row.quick if quick else [])]
         cfg = load_config(None, overrides + [f"output_dir={out}", f"run_name={row.run_name}"])
-        results.append((row.label, RunDir(run(cfg)).read_results()))
+        paths.append(run(cfg))
+    files = report_runs(paths, out / "report", "md,csv,html", labels=[row.label for row in ROWS])
     header = "tailclip demo — synthetic world (synth-lt, beta=100; test set balanced, 100 classes)\n"
-    return header + format_table(results)
+    return header + files["report.md"].read_text() + f"\nplots: {out / 'report' / 'plots'}\n"

@@ -98,8 +98,7 @@ class LIFT(Method):
         in_dim = backbone.width if backbone.visual_proj is not None else backbone.embed_dim
         self.head = build_head(cfg.head, in_dim, info.num_classes, init, cfg.scale)
         self.loss_fn = build_loss(cfg.loss, info.class_counts, **({"tau": cfg.tau} if cfg.loss != "ce" else {}))
-        self.num_epochs_hint: int | None = None
-        self.train_summary: Any = None  # the engine's TrainSummary once fit() ran
+        self.num_epochs = 1  # set by on_epoch_start: LIFT+'s crop schedule spans the run's epochs
         log.info("LIFT: tuner %s %s, %s head (%s init), %s loss; %d trainable parameters", cfg.tuner,
                  dataclasses.asdict(self.tuner.options), cfg.head, cfg.head_init, cfg.loss, self.num_trainable())
 
@@ -116,7 +115,7 @@ class LIFT(Method):
         pre, cfg = self.backbone.preprocess, self.cfg
         if cfg.crop == "rrc":
             return train_transform(pre, (cfg.crop_min_scale, 1.0), cfg.interpolation, cfg.flip)
-        epochs = max(self.num_epochs_hint or 1, 1)
+        epochs = max(self.num_epochs, 1)
         frac = epoch / max(epochs - 1, 1)
         low = cfg.crop_min_scale + (1.0 - cfg.crop_min_scale) * frac
         return train_transform(pre, (low, 1.0), cfg.interpolation, cfg.flip, ratio=(1.0, 1.0))
@@ -130,18 +129,13 @@ class LIFT(Method):
         resize = lift_tte_resize(pre.image_size, self.backbone.patch_size)
         return tte_transform(pre, tte, resize, self.cfg.interpolation)
 
-    def fit(self, ctx: Any) -> None:
-        from ..engine.trainer import train
-
-        self.num_epochs_hint = ctx.cfg.train.epochs
-        self.train_summary = train(self, ctx)
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        self.num_epochs = num_epochs
 
     def extra_results(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tuner": self.cfg.tuner, "tuner_options": dataclasses.asdict(self.tuner.options),
                                "tuner_params": self.num_trainable() - self.head_params(),
                                "head_params": self.head_params()}
-        if self.train_summary is not None:
-            out["training"] = self.train_summary.to_dict()
         return out
 
     def head_params(self) -> int:
