@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tailclip.engine.metrics import classification_metrics, expected_calibration_error
 from tailclip.posthoc import (
@@ -123,12 +124,14 @@ def test_gla_runs_end_to_end(tiny_vit_json: Path, tmp_path: Path, monkeypatch: p
     assert len(prior["prior"]) == 4 and sum(prior["prior"]) == pytest.approx(1.0)
     # 6 images per class: a K-shot task with K < 20, so T_zs and q are fitted on train + val (released code)
     assert res["gla"]["fitted_on"] == {"temperature_zs": "train+val", "prior": "train+val"}
-    assert (deb / "prior.png").is_file()
+    assert (deb / "plots" / "gla_prior.png").stat().st_size > 0
     ens = run(load_config(None, base + ["method=gla", "run_name=ens", "gla.mode=ensemble", f"gla.finetuned_run={lp}"]))
     res = RunDir(ens).read_results()
     assert res["gla"]["source_prior"] == "train" and res["gla"]["temperature_ft"] > 0  # the probe's loss is CE
     assert res["gla"]["fitted_on"] == {"temperature_zs": "train+val", "prior": "train+val", "temperature_ft": "val"}
-    assert res["top1"] is not None and "ece" in res and "nll" in res
+    saved = load_file(str(ens / "logits_test.safetensors"))  # the reported top-1 is the ensemble's own
+    assert res["top1"] == pytest.approx(100.0 * float((saved["logits"].argmax(1) == saved["labels"]).float().mean()))
+    assert res["ece"] >= 0.0 and res["nll"] > 0.0
     # without saved logits the ensemble runs the fine-tuned checkpoint instead
     (lp / "logits_test.safetensors").rename(tmp_path / "moved.safetensors")
     ens2 = run(load_config(None, base + ["method=gla", "run_name=ens2", "gla.mode=ensemble", f"gla.finetuned_run={lp}"]))

@@ -43,7 +43,10 @@ def test_every_tuner_row_trains_one_step(tiny_backbone, tuner: str) -> None:
         out = method(x, y)
         assert out.logits.shape == (4, 3) and torch.isfinite(out.loss)
         out.loss.backward()
-        assert method.head.weight.grad is not None
+        grads = {n: p.grad for n, p in method.trainable_parameters()}
+        assert grads["head.weight"].abs().sum() > 0  # the loss reaches the head ...
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n != "head.weight") \
+            or tuner == "classifier"  # ... and the tuned part of the backbone (zero-init W_up still gets a gradient)
         assert set(method.checkpoint_state()) >= set(names)
         res = method.extra_results()
         assert res["tuner"] == tuner and res["head_params"] == 3 * tiny_backbone.width

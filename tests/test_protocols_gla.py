@@ -32,7 +32,7 @@ def fitted_gla(tiny_vit_json: Path, tmp_path: Path, *overrides: str):
     from tailclip.methods import FitContext
 
     cfg = load_config(None, [f"model.name=json:{tiny_vit_json}", f"data.name={register_color_dataset()}",
-                             "method=gla", "gla.plot=false", *overrides])
+                             "method=gla", "eval.plots=false", *overrides])
     task, method = build(cfg, torch.device("cpu"))
     method._zs = lambda ctx, split: (*planted_logits(split), torch.arange(24), [])
     ctx = FitContext(cfg, task, tmp_path, torch.device("cpu"))

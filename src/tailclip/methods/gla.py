@@ -70,7 +70,6 @@ class GLAConfig:
     logit_scale: float | None = None  # zero-shot logit scale (None: the model's own)
     prior_max_iter: int = 500
     prior_reg: float = 0.0  # pull towards uniform (0: the plain GLA objective)
-    plot: bool = True  # prior.png next to prior.json (needs matplotlib)
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -233,12 +232,11 @@ class GLA(Method):
         if cfg.mode == "ensemble":
             self._fit_ensemble(ctx, info)
         self._info = info
-        paths = save_prior(ctx.run_dir, q, ctx.task.classnames,
-                           {"temperature_zs": t_zs, "prior_data": fitted_on["prior"],
-                            "model": getattr(self.backbone, "name", None), "dataset": ctx.task.name},
-                           plot=cfg.plot)
+        path = save_prior(ctx.run_dir, q, ctx.task.classnames,
+                          {"temperature_zs": t_zs, "prior_data": fitted_on["prior"],
+                           "model": getattr(self.backbone, "name", None), "dataset": ctx.task.name})
         log.info("GLA: T_zs=%.3f and q fitted on %s (%d samples), saved %s", t_zs, fitted_on["prior"],
-                 info["prior_samples"], ", ".join(p.name for p in paths))
+                 info["prior_samples"], path.name)
 
     def _fit_ensemble(self, ctx: FitContext, info: dict[str, Any]) -> None:
         """T_ft on the calibration split(s), p_s of the fine-tuned run; adds what it chose to `info`."""

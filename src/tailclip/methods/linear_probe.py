@@ -25,7 +25,7 @@ from ..config import check_choice
 from ..data.base import TaskInfo
 from ..errors import ConfigError
 from ..features import method_features
-from ..losses import build_loss
+from ..losses import build_loss, loss_names
 from ..posthoc.prior import few_threads_for_small
 from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
 
@@ -51,7 +51,7 @@ class LinearProbeConfig:
     def __post_init__(self) -> None:
         check_choice("linear_probe.head", self.head, ("logreg", "linear", "cosine"))
         check_choice("linear_probe.feature", self.feature, ("proj", "pre_proj"))
-        check_choice("linear_probe.loss", self.loss, ("ce", "la", "bs"))
+        check_choice("linear_probe.loss", self.loss, loss_names())
         if self.C is not None and self.C <= 0:
             raise ConfigError(f"linear_probe.C={self.C} must be > 0")
 

@@ -80,36 +80,14 @@ def prior_nll(logits: Tensor, labels: Tensor, temperature: float, prior: Tensor 
     return float(torch.nn.functional.cross_entropy(z, labels.long()))
 
 
-def save_prior(run_dir: Path, prior: Tensor, classnames: Sequence[str], info: dict[str, Any] | None = None,
-               plot: bool = True) -> list[Path]:
-    """Write prior.json (and prior.png, q against class index, when matplotlib is installed)."""
+def save_prior(run_dir: Path, prior: Tensor, classnames: Sequence[str], info: dict[str, Any] | None = None) -> Path:
+    """Write prior.json (the run's plots/gla_prior.png draws it against the class counts)."""
     from ..io import write_json
 
-    run_dir = Path(run_dir)
     q = [float(v) for v in prior.tolist()]
     entropy = -sum(v * math.log(v) for v in q if v > 0)
     data = {"prior": q, "classnames": list(classnames), "entropy": entropy,
             "max_over_min": max(q) / max(min(q), 1e-300), **(info or {})}
-    paths = [run_dir / "prior.json"]
-    write_json(paths[0], data)
-    if plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            log.info("matplotlib not installed; prior.png not written")
-            return paths
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.bar(range(len(q)), q, width=1.0, color="#4477aa")
-        ax.axhline(1.0 / len(q), color="#cc3311", linestyle="--", linewidth=1, label="uniform")
-        ax.set_xlabel("class index")
-        ax.set_ylabel("estimated prior q")
-        ax.set_title("GLA label prior of the pretrained model")
-        ax.legend(loc="upper right")
-        fig.tight_layout()
-        fig.savefig(run_dir / "prior.png", dpi=100)
-        plt.close(fig)
-        paths.append(run_dir / "prior.png")
-    return paths
+    path = Path(run_dir) / "prior.json"
+    write_json(path, data)
+    return path
