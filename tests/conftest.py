@@ -47,3 +47,13 @@ def tiny_backbone(tiny_vit_json: Path):
 
     torch.manual_seed(0)
     return create_backbone(f"json:{tiny_vit_json}")
+
+
+@pytest.fixture(autouse=True)
+def _no_run_plots(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-run plots (matplotlib, seconds per run) are drawn only in tests marked `run_plots`; the report tests
+    draw their own. Everything else about a run is unchanged."""
+    if request.node.get_closest_marker("run_plots") is None:
+        import tailclip.api
+
+        monkeypatch.setattr(tailclip.api, "_plots", lambda cfg, path: None)

@@ -105,6 +105,7 @@ def test_wise_ft_interpolation() -> None:
         interpolate_states(zs, ft, 1.5)
 
 
+@pytest.mark.run_plots
 def test_gla_runs_end_to_end(tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """linear probe run -> GLA debiased zero-shot and GLA ensemble on its saved logits -> WiSE-FT run."""
     from test_features import register_color_dataset
