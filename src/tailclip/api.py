@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +109,14 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     return results
 
 
-def run(cfg: RunConfig, train: bool = True) -> Path:
+def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
     """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
-    trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting."""
+    trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting.
+    An existing run folder is reused only with `cfg.resume` (same run) or `overwrite` (see RunDir.for_config)."""
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
-    run_dir = RunDir.for_config(cfg)
-    with run_dir:
+    run_dir = RunDir.for_config(cfg, overwrite=overwrite)
+    with run_dir, _marked(run_dir):
         run_dir.write_config(cfg)
         log.info("run folder %s", run_dir.path)
         task, method = build(cfg, device)
@@ -136,6 +139,19 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
     return run_dir.path
 
 
+@contextmanager
+def _marked(run_dir: RunDir) -> Iterator[None]:
+    """status.json: running while the body runs, then finished, or failed naming the error (re-raised)."""
+    run_dir.mark("running")
+    try:
+        yield
+    except BaseException as exc:
+        run_dir.mark("failed", exc)
+        log.info("run %s failed: %s", run_dir.path, exc)  # (the CLI prints the error itself)
+        raise
+    run_dir.mark("finished")
+
+
 def _plots(cfg: RunConfig, path: Path) -> None:
     """Per-run plots (RUN_DIR/plots) on the main process; they never fail a finished run."""
     if cfg.eval.plots and distributed.is_main_process():
@@ -149,7 +165,7 @@ def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Pa
     defaults = [f"output_dir={run_dir / 'evals'}", f"run_name=eval-{time.strftime('%Y%m%d-%H%M%S')}"]
     cfg, task, method, device = load_trained(run_dir, defaults + list(overrides or []))
     out = RunDir.for_config(cfg)
-    with out:
+    with out, _marked(out):
         out.write_config(cfg)
         out.write_results(evaluate(method, FitContext(cfg, task, out.path, device)))
         _plots(cfg, out.path)

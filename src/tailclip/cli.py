@@ -21,6 +21,7 @@ ModelOpt = Annotated[str | None, typer.Option(help="model name (tailclip list mo
 RootOpt = Annotated[str | None, typer.Option(help="dataset root folder")]
 OutOpt = Annotated[str | None, typer.Option("--output-dir", help="where run folders go")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="run folder name")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder of that name")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="config overrides key=value, e.g. train.lr=0.02")]
 
 
@@ -92,6 +93,7 @@ def train(
     shots: Annotated[str | None, typer.Option(help="few-shot grid, e.g. 1,2,4,8,16")] = None,
     seeds: Annotated[str | None, typer.Option(help="seeds of the grid, e.g. 1,2,3")] = None,
     resume: Annotated[str | None, typer.Option(help="auto, or a run folder to continue")] = None,
+    overwrite: OverwriteOpt = False,
     print_params: Annotated[bool, typer.Option("--print-params", help="print trainable parameters and exit")] = False,
 ) -> None:
     """Train a method (fine-tuning, adapters, post-hoc fitting) and evaluate it."""
@@ -117,7 +119,7 @@ def train(
         return
     from .api import run
 
-    _print_summary(run(cfg))
+    _print_summary(run(cfg, overwrite=overwrite))
 
 
 @app.command("eval")
@@ -132,6 +134,7 @@ def eval_(
     output_dir: OutOpt = None,
     name: NameOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="a run folder written by tailclip train")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
     from .api import load_config, run, run_from_checkpoint
@@ -142,7 +145,7 @@ def eval_(
         _print_summary(run_from_checkpoint(checkpoint, ovr))
         return
     cfg = load_config(config, ovr)
-    _print_summary(run(cfg, train=False))
+    _print_summary(run(cfg, train=False, overwrite=overwrite))
 
 
 @app.command()
