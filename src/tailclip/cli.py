@@ -155,14 +155,20 @@ def predict(
     checkpoint: Annotated[Path, typer.Option(help="a run folder written by tailclip train")],
     topk: Annotated[int, typer.Option(help="how many classes to print per image")] = 5,
 ) -> None:
-    """Classify image files with a trained run folder; prints one JSON line per image."""
+    """Classify image files with a trained run folder; prints one JSON line per image (an unreadable file gets
+    a line with its error, and the exit status is 1)."""
     import json
 
     from .api import predict_files
 
     _setup_logging()
-    for row in predict_files(checkpoint, images, topk=topk):
+    rows = predict_files(checkpoint, images, topk=topk)
+    for row in rows:
         typer.echo(json.dumps(row))
+    failed = [row["image"] for row in rows if "error" in row]
+    if failed:
+        typer.echo(f"error: {len(failed)} of {len(rows)} image(s) could not be read: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -27,7 +27,7 @@ from ..config import DataConfig, RunConfig, dump_config, load_config
 from ..errors import ConfigError, TailclipError
 from ..io import write_json
 from . import distributed
-from .checkpoint import RESUME, WEIGHTS, resume_fingerprint
+from .checkpoint import RESUME, WEIGHTS, read_weights, resume_fingerprint
 
 if TYPE_CHECKING:
     from ..data.base import Task
@@ -194,7 +194,7 @@ class RunDir:
         path = self.checkpoint_path()
         if path is None:
             raise TailclipError(f"{self.path} has no {WEIGHTS}: not a trained run (or it was not finished)")
-        return load_file(str(path))
+        return read_weights(path)
 
     def check_same_task(self, task: Task, data: DataConfig) -> RunConfig:
         """The run's config, after checking it was trained on `task`'s classes (an error otherwise) and warning
