@@ -72,28 +72,40 @@ class RunDir:
         Under torchrun every process gets rank 0's default name, so all share it."""
         name = cfg.run_name or distributed.broadcast_object(default_run_name(cfg))
         run = cls(Path(cfg.output_dir) / name)
-        used = run.path.is_dir() and any(run.path.iterdir())
-        if run.path.exists() and not run.path.is_dir():
-            raise TailclipError(f"run folder {run.path} exists and is not a folder")
-        if used and overwrite:
-            if cfg.resume is not None:
-                raise ConfigError(f"run {name!r}: resume={cfg.resume} and --overwrite contradict each other; "
-                                  "pass one of them")
-            if not (run.path / CONFIG).is_file():
-                raise TailclipError(f"--overwrite: {run.path} is not a run folder (no {CONFIG}); not deleting it")
-            if distributed.is_main_process():
-                log.warning("--overwrite: replacing run folder %s", run.path)
-                shutil.rmtree(run.path)
-            distributed.barrier()
-        elif used and cfg.resume is None:
-            raise TailclipError(f"run folder {run.path} already exists; pass --resume auto to continue that run, "
-                                "--overwrite to replace it, or another --name")
-        elif used:
-            run._check_resumable(cfg)
-        elif cfg.resume == "auto":
-            log.warning("resume=auto: no run named %r in %s; starting a new one", name, cfg.output_dir)
+        refused: TailclipError | None = None
+        if distributed.is_main_process():  # rank 0 decides (the others would see the folder it creates)
+            try:
+                run._accept(cfg, overwrite)
+            except TailclipError as exc:
+                refused = exc
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise refused
         run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def _accept(self, cfg: RunConfig, overwrite: bool) -> None:
+        """Refuse a used folder without resume/overwrite, or with a resume of another run; empty it for
+        overwrite. Nothing in the folder is written before this returns."""
+        used = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.exists() and not self.path.is_dir():
+            raise TailclipError(f"run folder {self.path} exists and is not a folder")
+        if used and overwrite:
+            if cfg.resume is not None:
+                raise ConfigError(f"run {self.path.name!r}: resume={cfg.resume} and --overwrite contradict each "
+                                  "other; pass one of them")
+            if not (self.path / CONFIG).is_file():
+                raise TailclipError(f"--overwrite: {self.path} is not a run folder (no {CONFIG}); not deleting it")
+            log.warning("--overwrite: replacing run folder %s", self.path)
+            shutil.rmtree(self.path)
+        elif used and cfg.resume is None:
+            raise TailclipError(f"run folder {self.path} already exists; pass --resume auto to continue that run, "
+                                "--overwrite to replace it, or another --name")
+        elif used:
+            self._check_resumable(cfg)
+        elif cfg.resume == "auto":
+            log.warning("resume=auto: no run named %r in %s; starting a new one", self.path.name, cfg.output_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def _check_resumable(self, cfg: RunConfig) -> None:
         """Refuse (before anything is written) to continue this folder with a config that trains another run."""
