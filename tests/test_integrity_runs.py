@@ -59,3 +59,15 @@ def test_reused_names_refused_resume_and_failed_runs(tmp_path: Path, tiny_vit_js
         res = runner.invoke(app, ["train", "--method", "zeroshot", *common[:-1], "fresh", "--resume", "auto"])
     assert res.exit_code == 0, res.output
     assert f"resume=auto: no run named 'fresh' in {tmp_path / 'runs'}; starting a new one" in caplog.text
+
+
+def test_demo_refuses_to_reuse_an_earlier_demo_silently(tmp_path: Path) -> None:
+    from tailclip.demo import ROWS
+
+    first = tmp_path / ROWS[0].run_name
+    first.mkdir()
+    (first / "config.yaml").write_text("method: zeroshot\n")
+    res = CliRunner().invoke(app, ["demo", "--output-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert f"error: {tmp_path} already holds a demo (1 run folders); pass --overwrite" in res.output
+    assert (first / "config.yaml").read_text() == "method: zeroshot\n"

@@ -277,11 +277,22 @@ def report(
 def demo(
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo's run folders go")] = "runs/demo",
     quick: Annotated[bool, typer.Option("--quick", help="fewer epochs/images, for a smoke run")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run folders of an earlier demo")] = False,
 ) -> None:
     """Run every method on the built-in synthetic world and print overall/many/medium/few accuracy."""
-    from .demo import run_demo
+    import shutil
+
+    from .demo import ROWS, run_demo
 
     _setup_logging()
+    earlier = [Path(output_dir) / row.run_name for row in ROWS if (Path(output_dir) / row.run_name).exists()]
+    if earlier and not overwrite:
+        raise TailclipError(f"{output_dir} already holds a demo ({len(earlier)} run folders); pass --overwrite to "
+                            "replace them, or another --output-dir")
+    for path in earlier:  # run folders are reused only when asked (engine.runs): the demo asks for all at once
+        if not (path / "config.yaml").is_file():
+            raise TailclipError(f"--overwrite: {path} is not a run folder (no config.yaml); not deleting it")
+        shutil.rmtree(path)
     typer.echo(run_demo(output_dir, quick=quick))
 
 
