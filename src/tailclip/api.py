@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import RunConfig, load_config  # noqa: F401  (re-exported: configs loaded through the api know every method)
+from .config import RunConfig, load_config  # (re-exported: configs loaded through the api know every method)
 from .data.base import Task
 from .engine import distributed
-from .engine.checkpoint import save_checkpoint
+from .engine.checkpoint import META, load_checkpoint, read_meta, save_checkpoint, task_info
 from .engine.evaluate import resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir, logits_file
-from .errors import TailclipError
+from .errors import DataError, TailclipError
 from .io import atomic_save_tensors, write_json
 from .methods import FitContext, Method, Predictions
 from .methods.loading import build, load_trained
@@ -107,13 +109,14 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     return results
 
 
-def run(cfg: RunConfig, train: bool = True) -> Path:
+def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
     """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
-    trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting."""
+    trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting.
+    An existing run folder is reused only with `cfg.resume` (same run) or `overwrite` (see RunDir.for_config)."""
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
-    run_dir = RunDir.for_config(cfg)
-    with run_dir:
+    run_dir = RunDir.for_config(cfg, overwrite=overwrite)
+    with run_dir, _marked(run_dir):
         run_dir.write_config(cfg)
         log.info("run folder %s", run_dir.path)
         task, method = build(cfg, device)
@@ -136,6 +139,19 @@ def run(cfg: RunConfig, train: bool = True) -> Path:
     return run_dir.path
 
 
+@contextmanager
+def _marked(run_dir: RunDir) -> Iterator[None]:
+    """status.json: running while the body runs, then finished, or failed naming the error (re-raised)."""
+    run_dir.mark("running")
+    try:
+        yield
+    except BaseException as exc:
+        run_dir.mark("failed", exc)
+        log.info("run %s failed: %s", run_dir.path, exc)  # (the CLI prints the error itself)
+        raise
+    run_dir.mark("finished")
+
+
 def _plots(cfg: RunConfig, path: Path) -> None:
     """Per-run plots (RUN_DIR/plots) on the main process; they never fail a finished run."""
     if cfg.eval.plots and distributed.is_main_process():
@@ -149,31 +165,65 @@ def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Pa
     defaults = [f"output_dir={run_dir / 'evals'}", f"run_name=eval-{time.strftime('%Y%m%d-%H%M%S')}"]
     cfg, task, method, device = load_trained(run_dir, defaults + list(overrides or []))
     out = RunDir.for_config(cfg)
-    with out:
+    with out, _marked(out):
         out.write_config(cfg)
         out.write_results(evaluate(method, FitContext(cfg, task, out.path, device)))
         _plots(cfg, out.path)
     return out.path
 
 
+def load_for_predict(run_dir: Path) -> tuple[list[str], Method, torch.device]:
+    """(class names, method, device) of a trained run from its folder alone: the method is rebuilt from the
+    TaskInfo stored in checkpoint.json, so the dataset may have moved or be gone. Runs saved before the
+    TaskInfo was stored are rebuilt through their dataset."""
+    from .backbones import create_backbone
+    from .methods import METHODS
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    info = task_info(meta, run_dir / META)
+    if info is None:
+        _cfg, task, method, device = load_trained(run_dir, [f"output_dir={run_dir / 'predict'}"])
+        return list(task.classnames), method, device
+    if not (run_dir / "config.yaml").is_file():
+        raise TailclipError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.train.seed)  # as when the run was built (random-weight test models)
+    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
+    want = meta.get("backbone_fingerprint")
+    if want and backbone.fingerprint != want:
+        raise TailclipError(f"{run_dir / META}: the run was trained on backbone {cfg.model.name} with fingerprint "
+                            f"{want}, but {cfg.model.name} now loads weights with fingerprint {backbone.fingerprint}")
+    method = METHODS.get(cfg.method)(cfg.method_config(), backbone, info).to(device)
+    load_checkpoint(method, run_dir)
+    return list(info.classnames), method, device
+
+
 @torch.no_grad()
 def predict_files(run_dir: Path, paths: list[Path], topk: int = 5) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for image files, using a trained run folder."""
+    """Top-k classes with probabilities for image files, using a trained run folder (its dataset is not
+    needed). A file that cannot be read gives a row {"image", "error"}; the other files are still predicted."""
     from .data.base import FileImages
     from .data.transforms import eval_transform
 
-    _cfg, task, method, device = load_trained(Path(run_dir), [f"output_dir={Path(run_dir) / 'predict'}"])
+    classnames, method, device = load_for_predict(Path(run_dir))
     transform = eval_transform(method.backbone.preprocess)
     images = FileImages("", [str(p) for p in paths])
     method.eval()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, path in enumerate(paths):
-        x = transform(images.load(i)).unsqueeze(0).to(device)
+        try:
+            x = transform(images.load(i)).unsqueeze(0).to(device)
+        except DataError as exc:
+            log.error("%s", exc)
+            rows.append({"image": str(path), "error": str(exc)})
+            continue
         probs = method(x).logits.float().softmax(dim=-1)[0]
         top = probs.topk(min(topk, probs.numel()))
         rows.append({
             "image": str(path),
-            "predictions": [{"class": task.classnames[j], "index": int(j), "prob": float(p)}
+            "predictions": [{"class": classnames[j], "index": int(j), "prob": float(p)}
                             for p, j in zip(top.values.tolist(), top.indices.tolist())],
         })
     return rows

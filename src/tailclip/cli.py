@@ -21,6 +21,7 @@ ModelOpt = Annotated[str | None, typer.Option(help="model name (tailclip list mo
 RootOpt = Annotated[str | None, typer.Option(help="dataset root folder")]
 OutOpt = Annotated[str | None, typer.Option("--output-dir", help="where run folders go")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="run folder name")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder of that name")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="config overrides key=value, e.g. train.lr=0.02")]
 
 
@@ -92,6 +93,7 @@ def train(
     shots: Annotated[str | None, typer.Option(help="few-shot grid, e.g. 1,2,4,8,16")] = None,
     seeds: Annotated[str | None, typer.Option(help="seeds of the grid, e.g. 1,2,3")] = None,
     resume: Annotated[str | None, typer.Option(help="auto, or a run folder to continue")] = None,
+    overwrite: OverwriteOpt = False,
     print_params: Annotated[bool, typer.Option("--print-params", help="print trainable parameters and exit")] = False,
 ) -> None:
     """Train a method (fine-tuning, adapters, post-hoc fitting) and evaluate it."""
@@ -117,7 +119,7 @@ def train(
         return
     from .api import run
 
-    _print_summary(run(cfg))
+    _print_summary(run(cfg, overwrite=overwrite))
 
 
 @app.command("eval")
@@ -132,6 +134,7 @@ def eval_(
     output_dir: OutOpt = None,
     name: NameOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="a run folder written by tailclip train")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Evaluate a training-free method (zero-shot …) or a trained run folder (--checkpoint)."""
     from .api import load_config, run, run_from_checkpoint
@@ -142,7 +145,7 @@ def eval_(
         _print_summary(run_from_checkpoint(checkpoint, ovr))
         return
     cfg = load_config(config, ovr)
-    _print_summary(run(cfg, train=False))
+    _print_summary(run(cfg, train=False, overwrite=overwrite))
 
 
 @app.command()
@@ -152,14 +155,20 @@ def predict(
     checkpoint: Annotated[Path, typer.Option(help="a run folder written by tailclip train")],
     topk: Annotated[int, typer.Option(help="how many classes to print per image")] = 5,
 ) -> None:
-    """Classify image files with a trained run folder; prints one JSON line per image."""
+    """Classify image files with a trained run folder; prints one JSON line per image (an unreadable file gets
+    a line with its error, and the exit status is 1)."""
     import json
 
     from .api import predict_files
 
     _setup_logging()
-    for row in predict_files(checkpoint, images, topk=topk):
+    rows = predict_files(checkpoint, images, topk=topk)
+    for row in rows:
         typer.echo(json.dumps(row))
+    failed = [row["image"] for row in rows if "error" in row]
+    if failed:
+        typer.echo(f"error: {len(failed)} of {len(rows)} image(s) could not be read: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -268,11 +277,22 @@ def report(
 def demo(
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo's run folders go")] = "runs/demo",
     quick: Annotated[bool, typer.Option("--quick", help="fewer epochs/images, for a smoke run")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run folders of an earlier demo")] = False,
 ) -> None:
     """Run every method on the built-in synthetic world and print overall/many/medium/few accuracy."""
-    from .demo import run_demo
+    import shutil
+
+    from .demo import ROWS, run_demo
 
     _setup_logging()
+    earlier = [Path(output_dir) / row.run_name for row in ROWS if (Path(output_dir) / row.run_name).exists()]
+    if earlier and not overwrite:
+        raise TailclipError(f"{output_dir} already holds a demo ({len(earlier)} run folders); pass --overwrite to "
+                            "replace them, or another --output-dir")
+    for path in earlier:  # run folders are reused only when asked (engine.runs): the demo asks for all at once
+        if not (path / "config.yaml").is_file():
+            raise TailclipError(f"--overwrite: {path} is not a run folder (no config.yaml); not deleting it")
+        shutil.rmtree(path)
     typer.echo(run_demo(output_dir, quick=quick))
 
 

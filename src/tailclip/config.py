@@ -4,6 +4,7 @@ are merged onto them with OmegaConf, and every unknown key or bad value is an er
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,13 @@ class TrainConfig:
         check_choice("train.scheduler", self.scheduler, ("cosine", "constant"))
         check_choice("train.sched_unit", self.sched_unit, ("epoch", "step"))
         check_choice("train.warmup_type", self.warmup_type, ("constant", "linear"))
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be in [0, train.epochs]")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.select_on", self.select_on, SELECT_ON)
-        for key in ("epochs", "batch_size", "grad_accum"):
+        for key in ("epochs", "batch_size", "grad_accum"):  # before warmup_epochs, whose bound is epochs
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be in [0, train.epochs={self.epochs}]")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
 
@@ -175,6 +176,58 @@ def _nested(key: str, value: Any) -> dict:
     return out
 
 
+def _section(schema: type, parts: list[str]) -> type | None:
+    """The dataclass at `parts` below `schema` (None when the path leaves the dataclasses)."""
+    cls: Any = schema
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        try:
+            cls = typing.get_type_hints(cls).get(part)
+        except (NameError, TypeError):  # an annotation that cannot be resolved: no section to describe
+            return None
+    return cls if isinstance(cls, type) and dataclasses.is_dataclass(cls) else None
+
+
+def _check_sections(schema: type, layer: dict, prefix: str) -> None:
+    """A value given where a section of options is expected (`train=3`) is named, with the section's keys."""
+    for key, value in layer.items():
+        sub = _section(schema, [key]) if dataclasses.is_dataclass(schema) else None
+        if sub is None:
+            continue
+        if isinstance(value, dict):
+            _check_sections(sub, value, f"{prefix}{key}.")
+        elif value is not None:
+            keys = ", ".join(f.name for f in dataclasses.fields(sub))
+            raise ConfigError(f"{prefix}{key}={value!r}: {prefix}{key} is a section of options, not a value; "
+                              f"set one of its keys ({prefix}{key}.KEY=VALUE): {keys}")
+
+
+_KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _omegaconf_message(schema: type, exc: OmegaConfBaseException) -> str:
+    """One clean line naming the key the user wrote (OmegaConf's own text carries full_key/object_type lines)."""
+    import re
+
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0].strip() if str(exc) else ""
+    m = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
+    if m and key:
+        return f"{key}={m.group(1)}: expected {_KINDS.get(m.group(3), m.group(3))}"
+    m = re.match(r"Key '(.*)' not in '(\w+)'", msg)
+    if m and key:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        sub = _section(schema, parent.split(".")) if parent else schema
+        known = ", ".join(f.name for f in dataclasses.fields(sub)) if sub is not None else ""
+        return f"unknown config key {key!r}" + (f"; {parent or 'the top level'} has: {known}" if known else "")
+    if "is not a ListConfig" in msg and key:
+        return f"{key}: expected a list, e.g. {key}=[a,b]"
+    if key:
+        return f"invalid value for config key {key!r}: {msg}"
+    return f"invalid config: {msg or type(exc).__name__}"
+
+
 def load_config(
     preset: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
 ) -> RunConfig:
@@ -199,14 +252,15 @@ def load_config(
     if not isinstance(method, str):
         raise ConfigError(f"method must be a name, got {method!r}")
     schema = _schema_for(method)
+    for layer in layers:
+        _check_sections(schema, layer, "")
     try:
         merged = OmegaConf.structured(schema)
         for layer in layers:
             merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        raise ConfigError(_omegaconf_message(schema, exc)) from None
     assert isinstance(obj, RunConfig)
     return obj
 

@@ -85,6 +85,8 @@ def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
                 log.info("grid cell %s already done; reusing it", path.name)
             else:
                 log.info("grid cell shots=%d seed=%d", k, seed)
+                if path.is_dir() and cell_cfg.resume is None:  # an interrupted cell continues (same config)
+                    cell_cfg.resume = "auto"
                 path = Path(run_fn(cell_cfg))
             results = json.loads((path / "results.json").read_text())
             cells.append({"shots": k, "seed": seed, "run_dir": str(path),

@@ -56,6 +56,21 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
+def _warn_coverage(where: Path, classes: list[str], splits: dict[str, Split]) -> None:
+    """Warn (it is legal, but rarely meant) about classes without a single image, and classes that the test
+    split never shows (their accuracy cannot be measured)."""
+    present = {int(c) for sp in splits.values() for c in np.unique(sp.labels)}
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:
+        log.warning("%s: class(es) with no images: %s", where, ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+    if "test" in splits:
+        tested = {int(c) for c in np.unique(splits["test"].labels)}
+        untested = [c for i, c in enumerate(classes) if i in present and i not in tested]
+        if untested:
+            log.warning("%s: class(es) with no test images (not measured): %s", where,
+                        ", ".join(untested[:10]) + (" ..." if len(untested) > 10 else ""))
+
+
 @register_dataset("image-folder")
 def build_image_folder(cfg: DataConfig) -> Task:
     """Your images in class folders: <root>/<class>/* or <root>/{train,val,test}/<class>/* (templates: photo).
@@ -95,6 +110,7 @@ def build_image_folder(cfg: DataConfig) -> Task:
         raise DataError(
             f"dataset 'image-folder': no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}. {hint}"
         )
+    _warn_coverage(root, classes, splits)
     return finish_task(cfg, classes, splits, "photo", meta)
 
 
@@ -119,7 +135,15 @@ def build_csv(cfg: DataConfig) -> Task:
         fields = [h.strip() for h in reader.fieldnames or []]
         if "path" not in fields or "label" not in fields:
             raise DataError(f"{path}: header {fields} must contain 'path' and 'label'. {hint}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        rows, lines = [], []
+        for row in reader:
+            clean = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            empty = [k for k in ("path", "label", "split") if k in fields and not clean.get(k)]
+            if empty:
+                raise DataError(f"{path}:{reader.line_num}: empty {' and '.join(repr(k) for k in empty)} "
+                                f"field(s) in row {','.join(clean.get(k, '') for k in fields)!r}")
+            rows.append(clean)
+            lines.append(reader.line_num)
     if not rows:
         raise DataError(f"{path}: no rows")
     raw_labels = [r["label"] for r in rows]
@@ -142,7 +166,7 @@ def build_csv(cfg: DataConfig) -> Task:
     paths = [r["path"] for r in rows]
     if "split" in fields:
         assign = np.asarray([r["split"] for r in rows], dtype=object)
-        for lineno, s in enumerate(assign, 2):
+        for lineno, s in zip(lines, assign):
             if s not in SPLIT_NAMES:
                 raise DataError(f"{path}:{lineno}: split {s!r} must be one of {', '.join(SPLIT_NAMES)}")
         meta = {"layout": "csv with split column"}
@@ -150,4 +174,5 @@ def build_csv(cfg: DataConfig) -> Task:
         assign = holdout_assignment(labels)
         meta = {"layout": "csv, fixed 70/10/20 hold-out"}
     splits = _splits_from_assignment(str(path.parent), paths, labels, assign)
+    _warn_coverage(path, classes, splits)
     return finish_task(cfg, classes, splits, "photo", meta)

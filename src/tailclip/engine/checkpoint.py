@@ -1,6 +1,12 @@
 """Checkpoints hold only what a method trained (safetensors) plus a JSON naming the backbone, its
 preprocessing and the method config; the frozen CLIP is rebuilt from its own weights on load.
 
+`checkpoint.json` also holds what the method was built from (`task`: the TaskInfo — class names, templates,
+counts, class partition), the model name and the backbone's fingerprint, so `predict` rebuilds the method
+from the run folder alone (the dataset may have moved); text classifiers are recomputed from the same names,
+templates and (fingerprint-checked) backbone. A damaged or foreign checkpoint file is refused with one line
+naming the file and what is wrong, before any tensor reaches the method.
+
 A separate *resume state* (`resume.pt`: trainable tensors, optimizer, scaler, epoch/step, RNG states, running
 epoch totals, metrics history, best-so-far) lets `--resume auto` continue a killed run exactly. Every file is
 written to a temp name and renamed, so a SIGKILL at any moment leaves the previous complete version."""
@@ -11,11 +17,13 @@ import hashlib
 import json
 import logging
 import random
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import config_to_dict
@@ -25,6 +33,7 @@ from . import distributed
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+    from ..data.base import TaskInfo
     from ..methods.base import FitContext, Method
 
 log = logging.getLogger(__name__)
@@ -42,13 +51,19 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
     if not distributed.is_main_process():
         return path
     atomic_save_tensors(path, state)
+    info = ctx.task.info()
     meta = {
         "method": ctx.cfg.method,
         "method_config": config_to_dict(ctx.cfg.method_config()) if ctx.cfg.method_config() is not None else None,
+        "model": ctx.cfg.model.name,
         "backbone": method.backbone.spec,
+        "backbone_fingerprint": method.backbone.fingerprint,
         "preprocess": method.backbone.preprocess.to_dict(),
         "num_classes": method.num_classes,
         "classnames": ctx.task.classnames,
+        "task": {"name": info.name, "classnames": list(info.classnames), "templates": list(info.templates),
+                 "class_counts": [int(c) for c in info.class_counts], "split_names": list(info.split_names),
+                 "shots": info.shots, "base_classes": info.base_classes, "new_classes": info.new_classes},
         "trainable_params": method.num_trainable(),
         "active_head": method.active_head,  # the head selection chose (methods with eval_heads), else null
         "tensors": {k: list(v.shape) for k, v in state.items()},
@@ -57,14 +72,94 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
     return path
 
 
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """checkpoint.json of a run folder ({} when absent: runs saved before it existed); a damaged one is
+    refused naming the file."""
+    path = Path(run_dir) / META
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TailclipError(f"checkpoint description {path} is damaged: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TailclipError(f"checkpoint description {path} is damaged: expected a JSON object")
+    return meta
+
+
+def task_info(meta: dict[str, Any], path: Path) -> TaskInfo | None:
+    """The TaskInfo a checkpoint's method was built from, or None for checkpoints saved before it was stored."""
+    from ..data.base import TaskInfo
+
+    t = meta.get("task")
+    if t is None:
+        return None
+    try:
+        return TaskInfo(name=str(t["name"]), classnames=[str(c) for c in t["classnames"]],
+                        templates=[str(x) for x in t["templates"]],
+                        class_counts=np.asarray(t["class_counts"], dtype=np.int64),
+                        split_names=tuple(t["split_names"]), shots=t.get("shots"),
+                        base_classes=t.get("base_classes"), new_classes=t.get("new_classes"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TailclipError(f"checkpoint description {path} is damaged: its 'task' entry is incomplete "
+                            f"({type(exc).__name__}: {exc})") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, or one line naming the file and what is wrong with it: truncated,
+    not a safetensors file, or unreadable."""
+    path = Path(path)
+    what = f"checkpoint {path} is damaged"
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise TailclipError(f"{what}: truncated ({size} bytes, not even a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise TailclipError(f"{what}: not a safetensors file (no valid header)")
+        if 8 + n > size:
+            raise TailclipError(f"{what}: truncated (the header alone needs {8 + n} bytes, the file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError,
+                IndexError):
+            raise TailclipError(f"{what}: not a safetensors file (its header is not valid)") from None
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise TailclipError(f"{what}: truncated (its tensors need {need} bytes, the file has {size})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TailclipError(f"{what}: unreadable safetensors file ({exc})") from None
+
+
+def _check_fits(method: Method, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Names and shapes of the file against what this method stores: one line instead of a size-mismatch trace."""
+    want = {k: tuple(v.shape) for k, v in method.checkpoint_state().items()}
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = [f"{k} is {tuple(state[k].shape)} in the file, {want[k]} here" for k in sorted(set(want) & set(state))
+             if tuple(state[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")]
+                 if unexpected else []) + wrong[:3]
+        raise TailclipError(f"checkpoint {path}: its tensors do not fit method {method.name!r} as configured "
+                            f"({'; '.join(parts)})")
+
+
 def load_checkpoint(method: Method, run_dir: Path) -> None:
     """Trainable tensors into `method`, and the head selection chose, so a reload predicts exactly as the run."""
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise TailclipError(f"no checkpoint in {run_dir}: {path} is missing (was the run finished?)")
-    method.load_checkpoint_state(load_file(str(path)))
-    meta_path = Path(run_dir) / META
-    head = json.loads(meta_path.read_text()).get("active_head") if meta_path.is_file() else None
+    meta = read_meta(run_dir)
+    state = read_weights(path)
+    _check_fits(method, state, path)
+    method.load_checkpoint_state(state)
+    head = meta.get("active_head")
     if head is not None:
         method.use_head(head)
 

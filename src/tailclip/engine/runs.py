@@ -3,12 +3,18 @@
 `RunDir` is also the one place that reads another run's outputs (its config, saved logits, results and
 checkpoint), so ensembles of a fine-tuned run (GLA today; Candle, CoOp runs next) never parse run folders
 themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option, so one preset
-can point at the matching cell of a few-shot grid."""
+can point at the matching cell of a few-shot grid.
+
+Safety of an existing folder: `for_config` accepts a run name that already holds files only with `resume`
+(and then only when the folder's config trains the same run: the check happens before anything is written)
+or with `overwrite` (the folder is emptied first); otherwise it refuses with a clear error and changes
+nothing. `status.json` says whether a run is running, finished or failed (with the error)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,7 @@ from ..config import DataConfig, RunConfig, dump_config, load_config
 from ..errors import ConfigError, TailclipError
 from ..io import write_json
 from . import distributed
-from .checkpoint import WEIGHTS
+from .checkpoint import RESUME, WEIGHTS, read_weights, resume_fingerprint
 
 if TYPE_CHECKING:
     from ..data.base import Task
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
+STATUS = "status.json"
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -59,12 +66,67 @@ class RunDir:
         self._handler: logging.Handler | None = None
 
     @classmethod
-    def for_config(cls, cfg: RunConfig) -> RunDir:
-        """The run's folder (created); under torchrun every process gets rank 0's default name, so all share it."""
+    def for_config(cls, cfg: RunConfig, overwrite: bool = False) -> RunDir:
+        """The run's folder (created), once it is accepted: a folder that already holds files is reused only
+        with `cfg.resume` (same run) or `overwrite` (emptied first), so a refused run changes nothing in it.
+        Under torchrun every process gets rank 0's default name, so all share it."""
         name = cfg.run_name or distributed.broadcast_object(default_run_name(cfg))
         run = cls(Path(cfg.output_dir) / name)
+        refused: TailclipError | None = None
+        if distributed.is_main_process():  # rank 0 decides (the others would see the folder it creates)
+            try:
+                run._accept(cfg, overwrite)
+            except TailclipError as exc:
+                refused = exc
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise refused
         run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def _accept(self, cfg: RunConfig, overwrite: bool) -> None:
+        """Refuse a used folder without resume/overwrite, or with a resume of another run; empty it for
+        overwrite. Nothing in the folder is written before this returns."""
+        used = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.exists() and not self.path.is_dir():
+            raise TailclipError(f"run folder {self.path} exists and is not a folder")
+        if used and overwrite:
+            if cfg.resume is not None:
+                raise ConfigError(f"run {self.path.name!r}: resume={cfg.resume} and --overwrite contradict each "
+                                  "other; pass one of them")
+            if not (self.path / CONFIG).is_file():
+                raise TailclipError(f"--overwrite: {self.path} is not a run folder (no {CONFIG}); not deleting it")
+            log.warning("--overwrite: replacing run folder %s", self.path)
+            shutil.rmtree(self.path)
+        elif used and cfg.resume is None:
+            raise TailclipError(f"run folder {self.path} already exists; pass --resume auto to continue that run, "
+                                "--overwrite to replace it, or another --name")
+        elif used:
+            self._check_resumable(cfg)
+        elif cfg.resume == "auto":
+            log.warning("resume=auto: no run named %r in %s; starting a new one", self.path.name, cfg.output_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _check_resumable(self, cfg: RunConfig) -> None:
+        """Refuse (before anything is written) to continue this folder with a config that trains another run."""
+        source = self.path if cfg.resume == "auto" else Path(str(cfg.resume))
+        source = source.parent if source.name == RESUME else source
+        config = source / CONFIG
+        if not config.is_file():
+            if cfg.resume == "auto":
+                raise TailclipError(f"run folder {self.path} exists but has no {CONFIG} (not a run folder); "
+                                    "use another --name, or --overwrite")
+            return  # a resume path elsewhere: the trainer names what is missing there
+        try:
+            theirs = load_config(config)
+        except (TailclipError, OSError, ValueError) as exc:
+            raise TailclipError(f"{config}: cannot be read to check the resume ({exc})") from None
+        if resume_fingerprint(theirs) != resume_fingerprint(cfg):
+            raise TailclipError(
+                f"resume={cfg.resume}: {config} describes a run with a different configuration (method, model, data "
+                "or train options changed); resume only continues the same run. Nothing was changed; start a new "
+                "run with another --name, or replace it with --overwrite"
+            )
 
     @classmethod
     def existing(cls, path: str | Path, option: str = "run folder") -> RunDir:
@@ -100,6 +162,22 @@ class RunDir:
         if distributed.is_main_process():
             write_json(self.path / RESULTS, results)
 
+    def mark(self, status: str, error: BaseException | None = None) -> None:
+        """Record the run's state in status.json: running | finished | failed (with the error's one line)."""
+        if not distributed.is_main_process():
+            return
+        record: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if error is not None:
+            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:2000]
+        write_json(self.path / STATUS, record)
+
+    def status(self) -> str | None:
+        """running | finished | failed, or None for a folder written before status.json existed."""
+        try:
+            return str(json.loads((self.path / STATUS).read_text())["status"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     # ------------------------------------------------------------------ reading a run
     def load_config(self) -> RunConfig:
         """The run's typed config (its method's options included)."""
@@ -128,7 +206,7 @@ class RunDir:
         path = self.checkpoint_path()
         if path is None:
             raise TailclipError(f"{self.path} has no {WEIGHTS}: not a trained run (or it was not finished)")
-        return load_file(str(path))
+        return read_weights(path)
 
     def check_same_task(self, task: Task, data: DataConfig) -> RunConfig:
         """The run's config, after checking it was trained on `task`'s classes (an error otherwise) and warning

@@ -2,7 +2,8 @@
 
 An entry holds, per image of one split under one view, a dict of named tensors (`pre_proj`, `proj` and any
 backbone taps such as `blocks.5` or `layer3`) plus `labels` and `indices`, all row-aligned. It is keyed by
-the backbone fingerprint, the dataset, the split (and its content fingerprint), the view, the preprocessing,
+the backbone fingerprint, the dataset, the split (its identifiers and labels, and a digest of its images' bytes:
+see `extract.content_digest`), the view, the preprocessing,
 the view's transform (augmentation parameters and seed), the autocast precision and the format version —
 and by *what was extracted*: `CacheKey.tensors` maps each tensor name to its storage dtype. A request is a
 hit when the stored entry has the same base key and stores every requested tensor in the requested dtype;
@@ -11,6 +12,10 @@ dtype) is a miss that *extends* the entry: it is re-extracted with the union of 
 asked, in one backbone pass, so requests for different taps do not evict each other and every tensor of an
 entry comes from the same pass. A manifest whose base key disagrees, or files that are missing, truncated
 or of the wrong shape or dtype, make the entry *stale*: it is rebuilt with a warning, never silently reused.
+
+Every tensor file's data section has a checksum in the manifest. It is verified the first time a process
+opens the file (then remembered for that file's inode, size and mtime), so a file damaged in place — even at
+the same size — is caught before its rows are used, while later reads in the process stay plain memory maps.
 
 Each tensor is streamed into its own file while the backbone runs (bounded memory however large the taps),
 so reading never concatenates shards: `safetensors.safe_open` memory-maps the file (private, copy-on-write
@@ -50,7 +55,7 @@ from ..io import write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: content digest in the key, data checksums in the manifest
 ENV_VAR = "TAILCLIP_CACHE"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -60,6 +65,38 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": t
                                           "bfloat16": torch.bfloat16}
 _ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 _ALIGN = 64  # tensor data starts on a 64-byte boundary of the file
+_CHUNK = 1 << 22
+_VERIFIED: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime_ns) of files whose checksum held
+
+
+def _checksum() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def _data_checksum(path: Path) -> str:
+    """Checksum of a safetensors file's data section (everything after its header)."""
+    h = _checksum()
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + header_len)
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_once(path: Path, expected: str | None) -> None:
+    """Raise StaleCacheError when the file's data does not match the manifest's checksum; a file that held
+    is not read again by this process until its inode, size or mtime change."""
+    st = path.stat()
+    stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp in _VERIFIED:
+        return
+    if not expected:
+        raise StaleCacheError(f"manifest has no checksum for {path.name}")
+    actual = _data_checksum(path)
+    if actual != expected:
+        raise StaleCacheError(f"checksum mismatch in {path.name} (contents changed since it was written)")
+    _VERIFIED.add(stamp)
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
@@ -100,6 +137,7 @@ class CacheKey:
     split: str
     split_fingerprint: str  # Split.fingerprint(): identifiers + labels
     view: str  # "eval" or "aug<k>"
+    content: str = ""  # digest of the split's image bytes (extract.content_digest); "" when not computed
     preprocess: dict[str, Any] = field(default_factory=dict)
     transform: str = ""  # description of the view's transform (augmentation parameters and seed)
     precision: str = "fp32"  # autocast precision of the forward pass
@@ -200,6 +238,7 @@ class _TensorFileWriter:
         self.path, self.name, self.dtype, self.row_shape = path, name, dtype, tuple(row_shape)
         self.metadata = metadata
         self.rows = 0
+        self.hash = _checksum()
         widest = len(self._header(10**15, 10**19))
         self.slot = -(-(8 + widest) // _ALIGN) * _ALIGN - 8
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -216,7 +255,9 @@ class _TensorFileWriter:
             raise ValueError(f"tensor {self.name!r}: batch rows of shape {tuple(t.shape[1:])} {t.dtype}, earlier "
                              f"batches gave {self.row_shape} {self.dtype}")
         if t.numel():
-            self.fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            self.fh.write(data)
+            self.hash.update(data)
         self.rows += int(t.shape[0])
 
     def finish(self) -> dict[str, Any]:
@@ -229,7 +270,7 @@ class _TensorFileWriter:
         self.fh.close()
         os.replace(self.tmp, self.path)
         return {"file": self.path.name, "shape": [self.rows, *self.row_shape],
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self.dtype).removeprefix("torch."), "checksum": self.hash.hexdigest()}
 
     def abort(self) -> None:
         self.fh.close()
@@ -282,9 +323,10 @@ class FeatureCache:
         if not path.is_file():
             raise StaleCacheError(f"missing file {path}")
         try:
+            _verify_once(path, files[name].get("checksum"))
             with safe_open(str(path), framework="pt") as fh:
                 t = fh.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated / corrupt file
+        except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as exc:  # truncated / corrupt
             raise StaleCacheError(f"unreadable file {path}: {exc}") from None
         if list(t.shape) != list(files[name]["shape"]) or t.shape[0] != rows or t.dtype != dtype:
             raise StaleCacheError(f"{path} holds {tuple(t.shape)} {t.dtype}, expected {rows} rows of {dtype}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..io import write_json
 from .cache import BASE_TENSORS, STORAGE_DTYPES, CacheKey, FeatureCache, FeatureSet, storage_dtype
 
 if TYPE_CHECKING:
@@ -35,6 +38,90 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUG_SEED = 0  # default seed of augmented views
+INDEX_DIR = "_content"  # per-dataset file hash indexes, under the cache root
+_HASH_CHUNK = 1 << 20
+_index_lock = threading.Lock()
+_indexes: dict[Path, dict[str, list[Any]]] = {}  # content indexes read by this process
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _array_hash(array: Any) -> str:
+    """Hash of an in-memory image array's bytes."""
+    import numpy as np
+
+    data = np.ascontiguousarray(array)
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
+
+
+def _leaf_items(images: Any, rows: Sequence[int]) -> tuple[Any, list[int]]:
+    """The source that holds the bytes of `images` (through SubsetImages) and the rows of it used."""
+    from ..data.base import SubsetImages
+
+    while isinstance(images, SubsetImages):
+        rows = [images.indices[i] for i in rows]
+        images = images.base
+    return images, list(rows)
+
+
+def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
+    """Digest of the bytes behind a split's images, so replacing an image under the same name makes a new key.
+
+    Files: each file's (size, mtime) is checked against a per-dataset index kept under the cache root
+    (`_content/<dataset>.json`: path -> [size, mtime_ns, hash]); only files whose size or mtime changed are
+    read and hashed again, so a warm index costs one stat per file. In-memory arrays (CIFAR) are hashed
+    whole (once per source object). Other sources (procedural images) give "" (their identifiers and
+    parameters already fix their pixels)."""
+    from ..data.base import ArrayImages, FileImages
+
+    src, rows = _leaf_items(images, range(len(images)))
+    if isinstance(src, ArrayImages):
+        memo = getattr(src, "_tailclip_content", None)
+        if memo is None:
+            memo = _array_hash(src.array)
+            src._tailclip_content = memo
+        h = hashlib.blake2b(memo.encode(), digest_size=16)
+        h.update(json.dumps(rows).encode())
+        return h.hexdigest()
+    if not isinstance(src, FileImages):
+        return ""
+    index_path = cache.root / INDEX_DIR / f"{hashlib.sha256(dataset.encode()).hexdigest()[:8]}-{dataset[:40]}.json"
+    with _index_lock:
+        index = _indexes.get(index_path)
+        if index is None:
+            try:
+                index = dict(json.loads(index_path.read_text()))
+            except (OSError, ValueError, TypeError):
+                index = {}
+            _indexes[index_path] = index
+        h = hashlib.blake2b(digest_size=16)
+        changed = 0
+        for i in rows:
+            path = os.path.abspath(src.ident(i))
+            try:
+                st = os.stat(path)
+            except OSError:  # a missing file: the extraction reports it (or skips it); here it hashes as absent
+                h.update(f"{path}\0missing\0".encode())
+                continue
+            entry = index.get(path)
+            if entry is None or entry[0] != st.st_size or entry[1] != st.st_mtime_ns:
+                entry = [st.st_size, st.st_mtime_ns, _file_hash(path)]
+                index[path] = entry
+                changed += 1
+            h.update(f"{path}\0{entry[2]}\0".encode())
+        if changed:
+            try:
+                write_json(index_path, index)
+            except OSError as exc:  # a read-only cache still works, it just re-hashes next time
+                log.warning("could not update the content index %s: %s", index_path, exc)
+            log.info("hashed %d changed or new image file(s) of %s", changed, dataset)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -189,6 +276,7 @@ def split_features(
         dataset=task.name,
         split=split,
         split_fingerprint=data_split.fingerprint(),
+        content=content_digest(data_split.images, cache, task.name),
         view=view,
         preprocess=backbone.preprocess.to_dict(),
         transform=desc,
