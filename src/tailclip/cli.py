@@ -273,7 +273,7 @@ def demo(
     from .demo import run_demo
 
     _setup_logging()
-    typer.echo(run_demo(output_dir, quick=quick))
+    typer.echo(run_demo(output_dir, quick=quick, progress=typer.echo))
 
 
 def main() -> None:

@@ -5,11 +5,20 @@ skewed label prior): its numbers demonstrate the methods' behaviour, they are no
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import load_config, run
 from .report import report_runs
+
+log = logging.getLogger(__name__)
+
+BUDGET_S = 300  # `tailclip demo`, every row, 2 idle CPU cores, cold caches (README); --quick: QUICK_BUDGET_S
+QUICK_BUDGET_S = 90
 
 # eval.plots=false: the demo's report draws the plots of every row at the end, once
 BASE = ["model.name=synthetic:tiny-clip", "data.name=synth-lt", "data.imbalance_ratio=100", "eval.plots=false"]
@@ -21,11 +30,12 @@ class DemoRow:
     run_name: str
     overrides: list[str]
     quick: list[str] = field(default_factory=list)  # extra overrides for --quick (smoke runs)
+    seconds: float = 10.0  # wall time on 2 idle cores with cold caches (the ETA's weights; measured)
 
 
 # LIFT on 32 px shapes: crops down to 8 % of the area (LIFT's 224 px recipe) cut most of the shape away, so the
 # demo keeps crops >= 50 % (measured on synth-lt, 4 epochs lr 0.01: 63.96 top-1 with 0.08 vs 68.97 with 0.5).
-LIFT_SYNTH = ["lift.crop_min_scale=0.5", "train.epochs=8", "train.lr=0.02", "eval.splits=[val,test]"]
+LIFT_SYNTH = ["lift.crop_min_scale=0.5", "train.epochs=2", "train.lr=0.02", "eval.splits=[val,test]"]
 
 # Rows run in order; a row may refer to an earlier row's folder as {out}/<run_name>.
 ROWS: list[DemoRow] = [
@@ -58,13 +68,47 @@ ROWS: list[DemoRow] = [
 ]
 
 
-def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> str:
+def _images_seen(run_dir: Path, method_inputs: str) -> tuple[int, int]:
+    """(images trained on, images scored) of a finished row, from its results.json."""
+    results = json.loads((run_dir / "results.json").read_text())
+    scored = sum(int(s.get("num_samples", 0)) for s in results.get("splits", {}).values())
+    training = results.get("training") or {}
+    trained = 0
+    if method_inputs == "images" and training:
+        trained = int(training.get("epochs_run", 0)) * int(sum(next(iter(results["splits"].values()))["train_counts"]))
+    return trained, scored
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def run_demo(output_dir: str = "runs/demo", quick: bool = False,
+             progress: Callable[[str], None] | None = None) -> str:
+    """Run every row, reporting one progress line per row (to `progress`, else the log), then the table."""
+    from .methods.base import METHODS
+
+    say = progress or log.info
     out = Path(output_dir)
     paths = []
-    for row in ROWS:
+    start = time.perf_counter()
+    expected_total = sum(row.seconds for row in ROWS)
+    expected_done = 0.0
+    for i, row in enumerate(ROWS, 1):
         overrides = [o.format(out=out) for o in BASE + row.overrides + (row.quick if quick else [])]
         cfg = load_config(None, overrides + [f"output_dir={out}", f"run_name={row.run_name}"])
+        t0 = time.perf_counter()
         paths.append(run(cfg))
+        took = time.perf_counter() - t0
+        trained, scored = _images_seen(paths[-1], METHODS.get(cfg.method).inputs)
+        expected_done += row.seconds
+        elapsed = time.perf_counter() - start
+        eta = (expected_total - expected_done) * elapsed / expected_done  # the remaining rows at today's pace
+        detail = f"trained {trained:,} + scored {scored:,}" if trained else f"scored {scored:,}"
+        say(f"[{i}/{len(ROWS)}] {row.label}: {took:.1f} s, {(trained + scored) / max(took, 1e-9):,.0f} img/s "
+            f"({detail} images); elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
     files = report_runs(paths, out / "report", "md,csv,html", labels=[row.label for row in ROWS])
     header = "tailclip demo — synthetic world (synth-lt, beta=100; test set balanced, 100 classes)\n"
-    return header + files["report.md"].read_text() + f"\nplots: {out / 'report' / 'plots'}\n"
+    total = f"\n{len(ROWS)} rows in {_clock(time.perf_counter() - start)} (budget {_clock(QUICK_BUDGET_S if quick else BUDGET_S)} on 2 idle CPU cores)\n"
+    return header + files["report.md"].read_text() + f"\nplots: {out / 'report' / 'plots'}\n" + total
