@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data.base import LabeledImages, collate_skip_none
+from ..data.transforms import TrainCrop, train_transform
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from . import distributed
@@ -218,8 +219,6 @@ def make_train_transform(method: Method, epoch: int) -> Callable:
     own = method.train_transform(epoch)
     if own is not None:
         return own
-    from ..data.transforms import train_transform
-
     return train_transform(method.backbone.preprocess)
 
 
@@ -275,7 +274,16 @@ class _ImageBatches:
         return len(self.split)
 
     def epoch(self, epoch: int, steps: list[StepPlan]) -> Iterator[tuple[Inputs, Tensor] | None]:
-        items = SeededItems(LabeledImages(self.split, make_train_transform(self.method, epoch),
+        transform = make_train_transform(self.method, epoch)
+        if isinstance(transform, TrainCrop) and transform.batchable and hasattr(self.split.images, "load_array"):
+            # array-backed images (the synthetic world): crop whole uint8 batches as tensors, same per-image seeds
+            labels = torch.as_tensor(self.split.labels)
+            for mb in (mb for st in steps for mb in st.micro):
+                seeds = [sample_seed(self.cfg.seed, epoch, int(i)) for i in mb.indices]
+                images = torch.from_numpy(self.split.images.load_array(mb.indices))
+                yield transform.batch(images, seeds), labels[torch.as_tensor(mb.indices)]
+            return
+        items = SeededItems(LabeledImages(self.split, transform,
                                           self.ctx.cfg.data.on_bad_image), self.cfg.seed)
         batch_sampler = [[(epoch, int(i)) for i in mb.indices] for st in steps for mb in st.micro]
         loader = torch.utils.data.DataLoader(
