@@ -21,4 +21,10 @@ def build_task(cfg: DataConfig) -> Task:
     """Build the Task a DataConfig names (shots/seed handling is up to the builder or `fewshot.apply_shots`)."""
     from . import load_all  # noqa: F401  (explicit imports fill the registry)
 
-    return DATASETS.get(cfg.name)(cfg)
+    from .prepare import prepared_record
+
+    task = DATASETS.get(cfg.name)(cfg)
+    record = prepared_record(cfg.root)
+    if record is not None:  # a `tailclip prepare` copy: results.json says the images were pre-resized
+        task.meta["prepared"] = record
+    return task
