@@ -20,7 +20,6 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 def build_task(cfg: DataConfig) -> Task:
     """Build the Task a DataConfig names (shots/seed handling is up to the builder or `fewshot.apply_shots`)."""
     from . import load_all  # noqa: F401  (explicit imports fill the registry)
-
     from .prepare import prepared_record
 
     task = DATASETS.get(cfg.name)(cfg)
