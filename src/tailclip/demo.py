@@ -36,9 +36,9 @@ class DemoRow:
 
 # LIFT on 32 px shapes: crops down to 8 % of the area (LIFT's 224 px recipe) cut most of the shape away, so the
 # demo keeps crops >= 50 % (measured on synth-lt, 4 epochs lr 0.01: 63.96 top-1 with 0.08 vs 68.97 with 0.5).
-# One epoch with the cosine over its steps: LIFT's point is that a light tuner converges in few epochs, and on
-# synth-lt the 2nd epoch added < 1 point of top-1 (70.0 -> 70.9) while LA-vs-CE on few classes is 74 vs 46 after
-# one; each epoch costs ~40 s of the 5-minute budget on 2 cores, so the demo trains one.
+# One epoch with the cosine over its steps: LIFT's point is that a light tuner converges in few epochs. Measured on
+# synth-lt: 1 epoch 70.5 top-1 (few: LA 72.7 vs CE 47.5), 2 epochs (per-epoch cosine) 70.9; each epoch costs about
+# a sixth of the 5-minute budget on 2 cores, so the demo trains one.
 LIFT_SYNTH = ["lift.crop_min_scale=0.5", "train.epochs=1", "train.sched_unit=step", "train.lr=0.02",
               "eval.splits=[val,test]"]
 # --quick (a smoke run of every row): LIFT trains on at most 8 images per class and skips the per-epoch val pass.
