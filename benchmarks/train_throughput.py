@@ -1,8 +1,14 @@
-"""Images/s of LIFT-style adapter training (AdaptFormer + cosine head, forward + backward + SGD step) and of
-evaluation (forward only) for a random-weight ViT-B/16 at batch 8: CPU fp32 and bf16, and CUDA fp32 / amp
-when a GPU is present. Prints one JSON line. Not part of the test suite.
+"""Where LIFT training time goes: images/s of the data path alone (the trainer's own augmented-batch source),
+of the model alone (forward + backward + SGD step on fixed tensors) and of both together (end to end), for the
+built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA. A gap between data-only and
+end-to-end says the model waits for data; end-to-end close to model-only says compute is the limit.
+Prints one JSON line per (model, device, precision). Not part of the test suite.
 
-    python benchmarks/train_throughput.py [--iters 3] [--batch 8] [--model ViT-B-16@none] [--devices cpu,cuda]
+    python benchmarks/train_throughput.py [--models synthetic:tiny-clip,ViT-B-16@none] [--steps 5]
+        [--devices cpu,cuda] [--workers 0] [--batch-tiny 128] [--batch-vit 32]
+
+Data comes from the synthetic `synth-lt` task (rendered once, cached; see `synthetic/world_cache.py`) with LIFT's
+RandomResizedCrop + flip to the model's input size; JPEG decoding is measured by benchmarks/data_throughput.py.
 """
 
 from __future__ import annotations
@@ -10,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from tailclip.backbones import create_backbone
+from tailclip.config import load_config
 from tailclip.engine.evaluate import autocast
-from tailclip.heads import CosineClassifier
-from tailclip.losses import LogitAdjustedLoss
-from tailclip.tuners import build_tuner
+from tailclip.engine.trainer import _ImageBatches, build_optimizer, epoch_order, plan_epoch
+from tailclip.methods.base import FitContext
+from tailclip.methods.loading import build
 
 
 def _sync(device: torch.device) -> None:
@@ -27,69 +34,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(backbone, head, tuner, loss_fn, device: torch.device, precision: str, batch: int, iters: int) -> dict:
-    size = backbone.preprocess.image_size
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, head.weight.shape[0], (batch,), device=device)
-    params = [p for p in list(tuner.parameters()) + list(head.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "amp")
+def measure(model: str, device: torch.device, precision: str, batch: int, steps: int, workers: int) -> dict:
+    cfg = load_config(None, ["method=lift", f"model.name={model}", "data.name=synth-lt", "lift.crop_min_scale=0.5",
+                             f"train.batch_size={batch}", f"train.precision={precision}",
+                             f"data.num_workers={workers}"])
+    task, method = build(cfg, device)
+    train_cfg = method.train_config(cfg.train)
+    optimizer = build_optimizer(method, train_cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _ImageBatches(method, FitContext(cfg, task.guarded(), Path(tmp), device), train_cfg)
+        plan = plan_epoch(epoch_order(len(source), train_cfg.seed, 0), batch, 1, 0, 1)[: steps + 1]
 
-    def train_step() -> None:
-        with autocast(device, precision):
-            loss = loss_fn(head(backbone.encode_image(x).pre_proj), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+            with autocast(device, precision):
+                loss = method(images.to(device, non_blocking=True), labels.to(device, non_blocking=True)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def eval_step() -> None:
-        with autocast(device, precision):
-            F.softmax(head(backbone.encode_image(x).pre_proj).float(), dim=-1)
+        def timed(run_step) -> float:  # images/s over `steps` batches after one warm-up batch
+            batches = source.epoch(0, plan)
+            run_step(next(batches))
+            _sync(device)
+            t0 = time.perf_counter()
+            for batch_ in batches:
+                run_step(batch_)
+            _sync(device)
+            return round(batch * steps / (time.perf_counter() - t0), 1)
 
-    out = {}
-    for name, fn in (("train", train_step), ("eval", eval_step)):
-        fn()  # warm-up (kernel selection, allocator)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        _sync(device)
-        out[f"{name}_img_s"] = round(batch * iters / (time.perf_counter() - t0), 2)
+        method.train()
+        method.backbone.eval()
+        fixed = next(source.epoch(0, plan[:1]))
+        out = {"data_img_s": timed(lambda b: None)}
+
+        def model_only(_: object) -> None:
+            step(*fixed)
+
+        out["model_img_s"] = timed(model_only)
+        out["end_to_end_img_s"] = timed(lambda b: step(*b))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="ViT-B-16@none")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--models", default="synthetic:tiny-clip,ViT-B-16@none")
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--batch-tiny", type=int, default=128)
+    ap.add_argument("--batch-vit", type=int, default=32)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    result: dict = {"model": args.model, "batch": args.batch, "iters": args.iters, "classes": args.classes,
-                    "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "machine": platform.machine()}
+    common = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "processor": platform.processor(), "workers": args.workers}
     for dev_name in args.devices.split(","):
         if dev_name == "cuda" and not torch.cuda.is_available():
             continue
         device = torch.device(dev_name)
-        backbone = create_backbone(args.model, device=device)
-        backbone.requires_grad_(False)
-        tuner = build_tuner("adaptformer", backbone, num_classes=args.classes).to(device)
-        head = CosineClassifier(backbone.width, args.classes).to(device)
-        loss_fn = LogitAdjustedLoss(torch.arange(args.classes, 0, -1)).to(device)
-        result.setdefault("bottleneck", tuner.bottleneck)
-        if device.type == "cuda":
-            result["gpu"] = torch.cuda.get_device_name(device)
-        for precision in (("fp32", "amp_bf16") if device.type == "cpu" else ("fp32", "amp", "amp_bf16")):
-            label = {"fp32": "fp32", "amp": "fp16", "amp_bf16": "bf16"}[precision]
-            for key, value in measure(backbone, head, tuner, loss_fn, device, precision, args.batch,
-                                      args.iters).items():
-                result[f"{dev_name}_{label}_{key}"] = value
-        tuner.detach()
-    print(json.dumps(result))
+        extra = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+        for model in args.models.split(","):
+            batch = args.batch_tiny if model.startswith("synthetic:") else args.batch_vit
+            for precision in ("fp32",) if device.type == "cpu" else ("fp32", "amp_bf16"):
+                row = {"model": model, "device": dev_name, "precision": precision, "batch": batch,
+                       **measure(model, device, precision, batch, args.steps, args.workers), **extra, **common}
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,24 @@ def verify_data(
 
 @app.command()
 @_guard
+def prepare(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    root: Annotated[str, typer.Option("--root", help="the dataset's folder (original images)")],
+    out: Annotated[str, typer.Option("--out", help="where the pre-resized copy goes (use it as data.root)")],
+    short_side: Annotated[int, typer.Option("--short-side", help="short side of the copies, px")] = 256,
+    quality: Annotated[int, typer.Option("--quality", help="JPEG quality of resized copies")] = 90,
+) -> None:
+    """Write a copy of a dataset with images pre-resized (short side), so decoding stops limiting training."""
+    from .data.prepare import prepare_dataset
+
+    _setup_logging()
+    record = prepare_dataset(dataset, root, out, short_side, quality)
+    typer.echo(f"{dataset}: {record['images']} images ({record['resized']} resized to short side {short_side}) "
+               f"in {out}; train on it with data.root={out}")
+
+
+@app.command()
+@_guard
 def report(
     runs: Annotated[list[Path], typer.Argument(help="run folders, grid folders, or folders holding them")],
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <the folder given>/report, "
@@ -293,7 +311,7 @@ def demo(
         if not (path / "config.yaml").is_file():
             raise TailclipError(f"--overwrite: {path} is not a run folder (no config.yaml); not deleting it")
         shutil.rmtree(path)
-    typer.echo(run_demo(output_dir, quick=quick))
+    typer.echo(run_demo(output_dir, quick=quick, progress=typer.echo))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ are merged onto them with OmegaConf, and every unknown key or bad value is an er
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,18 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 SELECT_ON = ("auto", "val", "none", "paper")
+MAX_AUTO_WORKERS = 8  # data.num_workers=auto never starts more loader processes than this
+
+
+def auto_num_workers() -> int:
+    """DataLoader workers for data.num_workers=auto: the cores this process may run on (CPU affinity, so a
+    container's or taskset's limit counts) minus one for the training process itself, capped at MAX_AUTO_WORKERS;
+    0 (load in the main process) on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS / Windows)
+        cores = os.cpu_count() or 1
+    return max(0, min(cores - 1, MAX_AUTO_WORKERS))
 
 
 @dataclass
@@ -47,10 +60,17 @@ class DataConfig:
     shots: int | None = None  # K-shot subsampling of the train split (None: full train split)
     seed: int = 1  # seeds K-shot sampling and LT selection
     templates: str | None = None  # template set name (None: the dataset's default)
-    num_workers: int = 0
+    num_workers: int | str = 0  # DataLoader worker processes, or "auto" (resolved here: see auto_num_workers)
     on_bad_image: str = "error"  # error: stop naming the file; skip: leave it out and record it in results
 
     def __post_init__(self) -> None:
+        if self.num_workers == "auto":
+            self.num_workers = auto_num_workers()
+        elif isinstance(self.num_workers, str) and not self.num_workers.isdigit():
+            raise ConfigError(f"data.num_workers={self.num_workers!r} must be a number >= 0 or 'auto'")
+        self.num_workers = int(self.num_workers)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 or 'auto'")
         check_choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"data.shots={self.shots} must be >= 1")

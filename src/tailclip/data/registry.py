@@ -20,5 +20,10 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 def build_task(cfg: DataConfig) -> Task:
     """Build the Task a DataConfig names (shots/seed handling is up to the builder or `fewshot.apply_shots`)."""
     from . import load_all  # noqa: F401  (explicit imports fill the registry)
+    from .prepare import prepared_record
 
-    return DATASETS.get(cfg.name)(cfg)
+    task = DATASETS.get(cfg.name)(cfg)
+    record = prepared_record(cfg.root)
+    if record is not None:  # a `tailclip prepare` copy: results.json says the images were pre-resized
+        task.meta["prepared"] = record
+    return task

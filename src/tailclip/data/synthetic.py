@@ -66,8 +66,15 @@ def _stream_split(stream: str, per_class: int, classes: np.ndarray | None = None
     labels = np.arange(NUM_CLASSES * per_class, dtype=np.int64) % NUM_CLASSES
     split = Split(SyntheticImages(labels, "downstream", STREAMS[stream], WORLD_SEED, name=stream), labels)
     if classes is not None:
-        split = split.subset(np.nonzero(np.isin(labels, classes))[0])
+        split = _subset(split, np.nonzero(np.isin(labels, classes))[0])
     return split
+
+
+def _subset(split: Split, indices: np.ndarray) -> Split:
+    """A subset of a stream that stays one SyntheticImages source: only its own images are rendered (and cached),
+    never the whole pool they are drawn from."""
+    idx = np.asarray(indices, np.int64)
+    return Split(split.images.subset(idx), split.labels[idx])
 
 
 def train_pool() -> Split:
@@ -127,7 +134,7 @@ def build_synth_lt(cfg: DataConfig) -> Task:
     order = lt_class_order(cfg.seed)
     counts = lt_counts(beta, order)
     pool = train_pool()
-    train = pool.subset(_first_n_per_class(pool.labels, counts))
+    train = _subset(pool, _first_n_per_class(pool.labels, counts))
     task = Task(
         name="synth-lt",
         classnames=list(CLASSNAMES),
@@ -151,7 +158,7 @@ def build_synth_fewshot(cfg: DataConfig) -> Task:
         name="synth-fewshot",
         classnames=list(CLASSNAMES),
         templates=_templates(cfg),
-        splits={"train": pool.subset(idx), "val": _stream_split("val", min(k, 4)),
+        splits={"train": _subset(pool, idx), "val": _stream_split("val", min(k, 4)),
                 "test": _stream_split("test", TEST_PER_CLASS)},
         meta={"synthetic": True, "note": SYNTHETIC_NOTE, "shots": k, "seed": cfg.seed, "indices": idx.tolist()},
     )
@@ -187,7 +194,7 @@ def build_synth_b2n(cfg: DataConfig) -> Task:
     pool = train_pool()
     base_idx = np.nonzero(pool.labels < NUM_BASE)[0]
     picked = base_idx[_k_shot(pool.labels[base_idx], k, cfg.seed)]
-    return _b2n_task("synth-b2n", cfg, pool.subset(picked), min(k, 4), {"shots": k, "indices": picked.tolist()})
+    return _b2n_task("synth-b2n", cfg, _subset(pool, picked), min(k, 4), {"shots": k, "indices": picked.tolist()})
 
 
 def b2n_lt_counts(ratio: float, n_max: int = B2N_NMAX, num_base: int = NUM_BASE) -> np.ndarray:
@@ -207,6 +214,6 @@ def build_synth_b2n_lt(cfg: DataConfig) -> Task:
     base_idx = np.nonzero(pool.labels < NUM_BASE)[0]
     drawn = base_idx[_k_shot(pool.labels[base_idx], B2N_NMAX, cfg.seed)]  # nested: first n_i of a 100-shot draw
     picked = np.sort(drawn[_first_n_per_class(pool.labels[drawn], counts)])
-    return _b2n_task("synth-b2n-lt", cfg, pool.subset(picked), 4,
+    return _b2n_task("synth-b2n-lt", cfg, _subset(pool, picked), 4,
                      {"imbalance_ratio": ratio, "n_max": B2N_NMAX, "counts": counts.tolist(),
                       "indices": picked.tolist()})

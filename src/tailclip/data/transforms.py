@@ -27,6 +27,7 @@ INTERPOLATIONS = {
     "lanczos": InterpolationMode.LANCZOS,
 }
 TTE_MODES = ("five_crop", "ten_crop")
+BATCH_MODES = ("bilinear", "bicubic", "nearest")  # interpolations TrainCrop.batch resamples with F.interpolate
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
@@ -68,20 +69,69 @@ def eval_transform(pre: Preprocess, resize: int | None = None, interpolation: st
     return T.Compose(steps + _to_tensor(pre))
 
 
+class TrainCrop(T.Compose):
+    """RandomResizedCrop(S, scale, ratio) (+ horizontal flip) + tensor + normalize, per PIL image (a T.Compose) or,
+    through `batch`, on a whole uint8 batch of equal-sized images as tensors (array-backed sources such as the
+    synthetic world: no PIL round trip per image).
+
+    Both paths draw each image's crop box and flip from the global CPU RNG in the same order (RandomResizedCrop's
+    `get_params`, then the flip's `torch.rand(1)`), so under the same per-image seed they cut the same box; the
+    batch path resamples in float (bilinear / bicubic / nearest via `F.interpolate`, no uint8 rounding), so pixels
+    agree with PIL's to within rounding."""
+
+    def __init__(self, pre: Preprocess, scale: tuple[float, float], ratio: tuple[float, float], interpolation: str,
+                 flip: bool) -> None:
+        interp = interpolation_mode(interpolation)
+        steps: list = [T.RandomResizedCrop(pre.image_size, scale=scale, ratio=ratio, interpolation=interp)]
+        if flip:
+            steps.append(T.RandomHorizontalFlip())
+        super().__init__(steps + _to_tensor(pre))
+        self.size, self.scale, self.ratio, self.interpolation, self.flip = pre.image_size, scale, ratio, interpolation, flip
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @property
+    def batchable(self) -> bool:
+        return self.interpolation in BATCH_MODES
+
+    def batch(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> normalized float32 (B, 3, S, S); image b's randomness comes from seeds[b]."""
+        import torch.nn.functional as F
+
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"TrainCrop.batch takes uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        if not self.batchable:
+            raise ConfigError(f"interpolation {self.interpolation!r} has no tensor-batch path; use one of: "
+                              f"{', '.join(BATCH_MODES)}")
+        chw, mode = images.permute(0, 3, 1, 2).float(), self.interpolation
+        out = torch.empty(len(images), 3, self.size, self.size)
+        for b, seed in enumerate(seeds):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int(seed))
+                top, left, h, w = T.RandomResizedCrop.get_params(chw[b], list(self.scale), list(self.ratio))
+                flip = self.flip and bool(torch.rand(1) < 0.5)
+            crop = chw[b : b + 1, :, top : top + h, left : left + w]
+            if (h, w) != (self.size, self.size):
+                crop = F.interpolate(crop, size=(self.size, self.size), mode=mode,
+                                     **({} if mode == "nearest" else {"align_corners": False}))
+            out[b] = crop[0].flip(-1) if flip else crop[0]
+        if self.interpolation == "bicubic":
+            out.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clips to uint8
+        return (out / 255.0 - self.mean) / self.std
+
+
 def train_transform(
     pre: Preprocess,
     scale: tuple[float, float] = (0.08, 1.0),
     interpolation: str | None = None,
     flip: bool = True,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> T.Compose:
+) -> TrainCrop:
     """RandomResizedCrop(S, scale, ratio) (+ horizontal flip) + tensor + normalize; interpolation defaults to
     pre's. ratio=(1, 1) gives square crops (LIFT+'s schedule)."""
-    interp = interpolation_mode(interpolation or pre.interpolation)
-    steps: list = [T.RandomResizedCrop(pre.image_size, scale=scale, ratio=ratio, interpolation=interp)]
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
-    return T.Compose(steps + _to_tensor(pre))
+    return TrainCrop(pre, scale, ratio, interpolation or pre.interpolation, flip)
 
 
 class StackCrops:

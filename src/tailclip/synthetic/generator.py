@@ -272,31 +272,50 @@ def render_images(
 
 
 class SyntheticImages:
-    """An `ImageSource` whose image i is rendered on demand (nothing stored): image `offset + i` of
-    (seed, stream, style) with class `labels[i]`."""
+    """An `ImageSource` whose image i is image `positions[i]` (default i) of (seed, stream, style) with class
+    `labels[i]`. The whole source is rendered on first read, once per machine (`world_cache`), and read
+    memory-mapped afterwards; `load_array` hands out uint8 batches for tensor-side augmentation."""
 
-    def __init__(self, labels: Sequence[int], style: str, stream: int, seed: int = 0, offset: int = 0,
-                 name: str = "synthetic") -> None:
+    def __init__(self, labels: Sequence[int], style: str, stream: int, seed: int = 0,
+                 positions: Sequence[int] | None = None, name: str = "synthetic") -> None:
         if style not in STYLES:
             raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
         self.labels = np.asarray(labels, np.int64)
-        self.style, self.stream, self.seed, self.offset, self.name = style, int(stream), int(seed), int(offset), name
+        self.positions = np.arange(len(self.labels)) if positions is None else np.asarray(positions, np.int64)
+        if len(self.positions) != len(self.labels):
+            raise ValueError(f"{len(self.positions)} positions but {len(self.labels)} labels")
+        self.style, self.stream, self.seed, self.name = style, int(stream), int(seed), name
+        self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}  # DataLoader workers re-open the cache instead of copying it
+
+    def subset(self, indices: Sequence[int]) -> SyntheticImages:
+        """The images `indices` of this source as a source of their own (cached as its own, smaller entry)."""
+        idx = np.asarray(indices, np.int64)
+        return SyntheticImages(self.labels[idx], self.style, self.stream, self.seed, self.positions[idx], self.name)
+
     def ident(self, index: int) -> str:
         return (f"synthetic-v{GENERATOR_VERSION}://{self.name}/{self.style}/s{self.seed}/stream{self.stream}/"
-                f"{self.offset + int(index)}")
+                f"{int(self.positions[index])}")
+
+    def array(self) -> np.ndarray:
+        """All images of the source, uint8 (N, 32, 32, 3) (memory-mapped when cached on disk)."""
+        if self._array is None:
+            from .world_cache import rendered_images
+
+            self._array = rendered_images(self.seed, self.stream, self.style, self.positions, self.labels)
+        return self._array
 
     def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.load_array([index])[0])
+        return Image.fromarray(np.asarray(self.array()[index]))
 
     def load_array(self, indices: Sequence[int]) -> np.ndarray:
-        """Fast path: render many images at once as uint8 (N, 32, 32, 3)."""
-        idx = np.asarray(indices, np.int64)
-        return render_images(self.seed, self.stream, (idx + self.offset).tolist(), self.labels[idx].tolist(),
-                             self.style)
+        """Many images at once as uint8 (N, 32, 32, 3)."""
+        return np.asarray(self.array()[np.asarray(indices, np.int64)])
 
 
 WORLD_SEED = 0  # fixes every downstream image of the world; DataConfig.seed only picks which ones a task uses

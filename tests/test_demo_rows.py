@@ -1,0 +1,30 @@
+"""The demo's rows: every row's full and --quick overrides load as a valid config; the progress line counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tailclip.api  # noqa: F401  (registers the methods)
+from tailclip import demo
+from tailclip.config import load_config
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_row_loads(quick: bool, tmp_path: Path) -> None:
+    for row in demo.ROWS:
+        overrides = [o.format(out=tmp_path) for o in demo.BASE + row.overrides + (row.quick if quick else [])]
+        cfg = load_config(None, overrides + [f"output_dir={tmp_path}", f"run_name={row.run_name}"])
+        if cfg.method == "lift":
+            assert cfg.train.epochs == 1 and (cfg.data.shots == 8) == quick
+
+
+def test_images_seen_and_clock(tmp_path: Path) -> None:
+    results = {"training": {"epochs_run": 2}, "splits": {"val": {"num_samples": 20, "train_counts": [3, 4]},
+                                                         "test": {"num_samples": 100, "train_counts": [3, 4]}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert demo._images_seen(tmp_path, "images") == (14, 120)
+    assert demo._images_seen(tmp_path, "features") == (0, 120)
+    assert demo._clock(59.6) == "1m00s" and demo._clock(5) == "5s"
