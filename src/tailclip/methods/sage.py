@@ -51,6 +51,20 @@ log = logging.getLogger(__name__)
 INITS = {"lift": list(LIFT_TEMPLATES), "sage60": get_templates("sage60")}
 ADAPTERS = {"sg": "sg_adapter", "adaptformer": "adaptformer"}
 
+# The rows of the paper's ablation tables as overrides on a full-Sage preset (configs/sage/*.yaml lists them too).
+ABLATION_ROWS: dict[str, list[str]] = {  # Tables 5-6
+    "LIFT": ["sage.adapter=adaptformer", "sage.init=lift", "sage.loss=la", "sage.fit=false"],
+    "+SG": ["sage.init=lift", "sage.loss=la", "sage.fit=false"],
+    "+Init": ["sage.loss=la", "sage.fit=false"],
+    "+CF": ["sage.fit=false"],
+    "+FIT": [],
+}
+W_PROJ_ROWS: dict[str, list[str]] = {  # Appendix E, Tables 10-11: Init and CF in every row, no FIT
+    "baseline": ["sage.adapter=adaptformer", "sage.fit=false"],
+    "+SG-Adapter": ["sage.fit=false"],
+    "+SG-Adapter w/o W_proj": ["sage.w_proj=false", "sage.fit=false"],
+}
+
 
 @dataclass
 class SageConfig:
