@@ -37,6 +37,12 @@ ROWS: list[DemoRow] = [
     DemoRow("LIFT with plain CE", "lift-ce",
             ["method=lift", "lift.loss=ce", *LIFT_SYNTH],
             quick=["train.epochs=1"]),
+    # Sage: SG-Adapter + 60-template init + compensated LA + FIT (Table 8's CIFAR beta = 100 settings). FIT runs a
+    # second (frozen) forward per step and per test image, so the row trains fewer epochs than LIFT's to cost
+    # about one LIFT row.
+    DemoRow("Sage (SG-Adapter + CF + FIT)", "sage",
+            ["method=sage", "sage.crop_min_scale=0.5", "train.epochs=5", "train.lr=0.02", "eval.splits=[val,test]"],
+            quick=["train.epochs=1"]),
     # GLA: debiased zero-shot, a linear probe on cached features, and their GLA ensemble.
     DemoRow("GLA debiased zero-shot", "gla-debiased", ["method=gla"]),
     DemoRow("linear probe (frozen features)", "linear-probe", ["method=linear_probe", "eval.splits=[val,test]"],

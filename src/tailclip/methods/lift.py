@@ -1,7 +1,8 @@
 """LIFT (Shi et al., ICML 2024): AdaptFormer in every block of the frozen image tower + a text-initialised
 cosine classifier on the pre-projection feature + the logit-adjusted loss. Every other row of LIFT's tuner
 table (full, classifier, BitFit, LN, VPT, LoRA, Adapter) is the same method with `lift.tuner=<name>`: any
-registered tuner (`tailclip.tuners.TUNERS`), each following LIFT's released code.
+registered tuner (`tailclip.tuners.TUNERS`), each following LIFT's released code; `lift.tuner=sg_adapter` (Sage's
+SG-Adapter) reads the head's live weights, which LIFT hands over. `lift.loss` is any registered loss (`cf`: Sage's).
 
 Images as LIFT's trainer prepares them: bilinear interpolation (torchvision's default), RandomResizedCrop +
 flip for training, Resize(S * 8 // 7) -> CenterCrop(S) for evaluation (256 -> 224) and, with five-crop TTE,
