@@ -19,6 +19,7 @@ from tailclip.tuners import (
     LoRA,
     LoRAOptions,
     NoOptions,
+    SGAdapterOptions,
     VPTOptions,
     auto_bottleneck,
     build_tuner,
@@ -49,10 +50,17 @@ def _features(backbone, x):
         return backbone.encode_image(x).pre_proj
 
 
+def _guidance(backbone, classes: int = 10):
+    """A stand-in classifier weight (C, d) for the SG-Adapter's guidance (a method hands over its head's)."""
+    weight = torch.randn(classes, backbone.width, generator=torch.Generator().manual_seed(0))
+    return lambda: weight
+
+
 def _build(name: str, backbone, **kw):
     """Each tuner with small typed options (bottleneck 4, 3 prompts) so the test is about the contract."""
     options = {"adaptformer": AdaptFormerOptions(bottleneck=4), "adapter": AdapterOptions(bottleneck=4),
-               "lora": LoRAOptions(rank=4), "vpt_deep": VPTOptions(length=3), "vpt_shallow": VPTOptions(length=3)}
+               "lora": LoRAOptions(rank=4), "vpt_deep": VPTOptions(length=3), "vpt_shallow": VPTOptions(length=3),
+               "sg_adapter": SGAdapterOptions(bottleneck=4, guidance=_guidance(backbone))}
     return build_tuner(name, backbone, options.get(name), num_classes=10, **kw)
 
 
@@ -128,6 +136,7 @@ def test_formula_equals_counted_parameters(tiny_backbone, name: str) -> None:
         "adaptformer": (2 * 4 + 3) * d + 4 + 1, "adapter": (2 * 4 + 3) * d + 4, "lora": 2 * (2 * 4 * d),
         "vpt_deep": 3 * d, "vpt_shallow": 3 * d, "classifier": 0,
         "full": 4 * d * d + 2 * d * h + 9 * d + h, "bitfit": 7 * d + h, "ln": 4 * d,
+        "sg_adapter": (5 * 4 + d + 4) * d + 3 * 4 + 2,  # Sage's Table 9
     }[name]
     tuner = _build(name, tiny_backbone)
     try:

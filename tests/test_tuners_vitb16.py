@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tailclip.backbones import create_backbone
@@ -12,7 +13,7 @@ from tailclip.cli import app
 from tailclip.config import load_config
 from tailclip.data.base import TaskInfo
 from tailclip.methods import get_method
-from tailclip.tuners import TUNERS, build_tuner
+from tailclip.tuners import TUNERS, SGAdapterOptions, build_tuner
 
 HEAD = 100 * 768  # cosine head on the 768-d pre-projection feature, no bias
 # tuner parameters at C = 100 (r = 4 by LIFT's rule, 10 prompts): LIFT's counts for ViT-B/16
@@ -26,6 +27,7 @@ TUNER_PARAMS = {
     "bitfit": 101_376,
     "ln": 36_864,
     "classifier": 0,
+    "sg_adapter": 12 * ((5 * 4 + 768 + 4) * 768 + 3 * 4 + 2),  # Sage's Table 9: 7,299,240
 }
 
 
@@ -40,7 +42,9 @@ def test_every_registered_tuner_has_its_count() -> None:
 
 @pytest.mark.parametrize("name", list(TUNER_PARAMS))
 def test_lift_row_parameter_counts(vitb16, name: str) -> None:
-    tuner = build_tuner(name, vitb16, num_classes=100)
+    guidance = torch.zeros(100, 768)  # the SG-Adapter reads a classifier weight (LIFT hands over its head's)
+    options = SGAdapterOptions(guidance=lambda: guidance) if name == "sg_adapter" else None
+    tuner = build_tuner(name, vitb16, options, num_classes=100)
     try:
         unfrozen = sum(p.numel() for p in vitb16.parameters() if p.requires_grad)
         assert tuner.num_own_parameters() + unfrozen == TUNER_PARAMS[name]

@@ -58,6 +58,13 @@ ROWS: list[DemoRow] = [
     DemoRow("LIFT with plain CE", "lift-ce",
             ["method=lift", "lift.loss=ce", *LIFT_SYNTH],
             quick=LIFT_QUICK, seconds=50),
+    # Sage: SG-Adapter + 60-template init + compensated LA + FIT (Table 8's CIFAR beta = 100 settings), trained like
+    # the LIFT rows (one epoch, cosine over its steps). FIT runs a second (frozen) forward per step and per test image,
+    # so an epoch costs ~1.3x LIFT's (measured on the sage branch, 1 epoch each: 1.34x).
+    DemoRow("Sage (SG-Adapter + CF + FIT)", "sage",
+            ["method=sage", "sage.crop_min_scale=0.5", "train.epochs=1", "train.sched_unit=step", "train.lr=0.02",
+             "eval.splits=[val,test]"],
+            quick=LIFT_QUICK, seconds=70),
     # GLA: debiased zero-shot, a linear probe on cached features, and their GLA ensemble.
     DemoRow("GLA debiased zero-shot", "gla-debiased", ["method=gla"], seconds=25),
     DemoRow("linear probe (frozen features)", "linear-probe",

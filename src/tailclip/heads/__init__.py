@@ -62,6 +62,11 @@ class Head(nn.Module, ABC):
         """Copy (C, in_dim) class weights in (LIFT's `apply_weight`)."""
 
     @abstractmethod
+    def class_weights(self) -> Tensor:
+        """The trainable (C, in_dim) class-weight parameter itself (not a copy): Sage's SG-Adapter reads its mean
+        as guidance every step, with gradients flowing back into the head."""
+
+    @abstractmethod
     def forward(self, features: Tensor) -> Tensor:
         """(B, in_dim) features -> (B, C) logits."""
 
@@ -95,6 +100,9 @@ class CosineClassifier(Head):
     def set_weights(self, weights: Tensor) -> None:
         self.weight.copy_(weights)
 
+    def class_weights(self) -> Tensor:
+        return self.weight
+
     def forward(self, features: Tensor) -> Tensor:
         f = F.normalize(features.float(), dim=-1)
         w = F.normalize(self.weight.float(), dim=-1)
@@ -120,6 +128,9 @@ class LinearHead(Head):
     def set_weights(self, weights: Tensor) -> None:
         self.fc.weight.copy_(weights)
         self.fc.bias.zero_()
+
+    def class_weights(self) -> Tensor:
+        return self.fc.weight
 
     def forward(self, features: Tensor) -> Tensor:
         return self.fc(features.float())

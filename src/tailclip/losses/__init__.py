@@ -129,7 +129,9 @@ def loss_balances_prior(name: str) -> bool:
     return LOSSES.get(name).balances_prior
 
 
+from .compensation import CompensatedLALoss  # registers "cf"; imported last: it needs the registry above
+
 __all__ = [
-    "LOSSES", "BalancedSoftmaxLoss", "CrossEntropy", "LogitAdjustedLoss", "Loss", "build_loss", "log_prior",
+    "LOSSES", "BalancedSoftmaxLoss", "CompensatedLALoss", "CrossEntropy", "LogitAdjustedLoss", "Loss", "build_loss", "log_prior",
     "loss_balances_prior", "loss_names", "register_loss",
 ]

@@ -1,7 +1,8 @@
 """LIFT (Shi et al., ICML 2024): AdaptFormer in every block of the frozen image tower + a text-initialised
 cosine classifier on the pre-projection feature + the logit-adjusted loss. Every other row of LIFT's tuner
 table (full, classifier, BitFit, LN, VPT, LoRA, Adapter) is the same method with `lift.tuner=<name>`: any
-registered tuner (`tailclip.tuners.TUNERS`), each following LIFT's released code.
+registered tuner (`tailclip.tuners.TUNERS`), each following LIFT's released code; `lift.tuner=sg_adapter` (Sage's
+SG-Adapter) reads the head's live weights, which LIFT hands over. `lift.loss` is any registered loss (`cf`: Sage's).
 
 Images as LIFT's trainer prepares them: bilinear interpolation (torchvision's default), RandomResizedCrop +
 flip for training, Resize(S * 8 // 7) -> CenterCrop(S) for evaluation (256 -> 224) and, with five-crop TTE,
@@ -35,7 +36,7 @@ from ..data.transforms import (
 )
 from ..errors import ConfigError
 from ..heads import HEADS, LIFT_TEMPLATES, build_head, text_init_weights
-from ..losses import build_loss
+from ..losses import build_loss, loss_names
 from ..tuners import TUNERS, build_tuner
 from .base import Method, Output, register_method
 
@@ -52,7 +53,7 @@ class LIFTConfig:
     head_init: str = "text"  # text: "a photo of a {}." features mapped through proj^T; random
     head_templates: list[str] = field(default_factory=lambda: list(LIFT_TEMPLATES))
     scale: float = 25.0  # cosine-classifier sigma
-    loss: str = "la"  # la (logit-adjusted) | ce | bs (balanced softmax)
+    loss: str = "la"  # a registered loss: la (logit-adjusted) | ce | bs (balanced softmax) | cf (Sage's) ...
     tau: float = 1.0  # LA temperature
     # train-time augmentation (LIFT: RandomResizedCrop(scale 0.08-1) + flip)
     crop: str = "rrc"  # rrc | square_schedule (LIFT+)
@@ -64,7 +65,7 @@ class LIFTConfig:
         check_choice("lift.tuner", self.tuner, tuple(TUNERS))
         check_choice("lift.head", self.head, tuple(HEADS))
         check_choice("lift.head_init", self.head_init, ("text", "random"))
-        check_choice("lift.loss", self.loss, ("la", "ce", "bs"))
+        check_choice("lift.loss", self.loss, loss_names())
         check_choice("lift.crop", self.crop, ("rrc", "square_schedule"))
         check_choice("lift.interpolation", self.interpolation, tuple(INTERPOLATIONS))
         check_range("lift.crop_min_scale", self.crop_min_scale, 0.0, 1.0)
@@ -75,12 +76,16 @@ class LIFTConfig:
         if self.lora_alpha <= 0:
             raise ConfigError(f"lift.lora_alpha={self.lora_alpha} must be > 0")
 
-    def tuner_options(self) -> Any:
+    def tuner_options(self, guidance: Callable[[], Tensor] | None = None) -> Any:
         """LIFT's flat options mapped onto the chosen tuner's typed options: LIFT's one `adapter_dim` is the
-        bottleneck of every bottleneck tuner and LoRA's rank."""
+        bottleneck of every bottleneck tuner and LoRA's rank; `guidance` (the head's current weights) goes to a
+        tuner that reads the classifier (sg_adapter). LoRA's `alpha` is only LoRA's: Sage's SG-Adapter keeps its
+        own alpha default under LIFT."""
         cls = TUNERS.get(self.tuner).Options
         given = {"bottleneck": self.bottleneck, "rank": self.bottleneck, "length": self.vpt_length,
-                 "alpha": self.lora_alpha}
+                 "guidance": guidance}
+        if self.tuner == "lora":
+            given["alpha"] = self.lora_alpha
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
 
@@ -93,10 +98,12 @@ class LIFT(Method):
 
     def __init__(self, cfg: LIFTConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        self.tuner = build_tuner(cfg.tuner, backbone, cfg.tuner_options(), num_classes=info.num_classes)
         init = text_init_weights(backbone, info.classnames, cfg.head_templates) if cfg.head_init == "text" else None
         in_dim = backbone.width if backbone.visual_proj is not None else backbone.embed_dim
         self.head = build_head(cfg.head, in_dim, info.num_classes, init, cfg.scale)
+        # the head exists first: a tuner reading the classifier (sg_adapter) gets its live weights
+        self.tuner = build_tuner(cfg.tuner, backbone, cfg.tuner_options(self.head.class_weights),
+                                 num_classes=info.num_classes)
         self.loss_fn = build_loss(cfg.loss, info.class_counts, **({"tau": cfg.tau} if cfg.loss != "ce" else {}))
         self.num_epochs = 1  # set by on_epoch_start: LIFT+'s crop schedule spans the run's epochs
         log.info("LIFT: tuner %s %s, %s head (%s init), %s loss; %d trainable parameters", cfg.tuner,
