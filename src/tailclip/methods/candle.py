@@ -136,7 +136,13 @@ class CrossModalFusion(nn.Module):
         if blocked is not None:
             sx = sx.masked_fill(blocked[1:, 0], float("-inf"))
         w = torch.sigmoid(sx - lse[None])  # softmax weight of the image key
-        o_s = F.dropout(w, p, self.training)[..., None] * vx + (1.0 - w)[..., None] * o_shared[None]  # (B,H,N,dh)
+        # out_proj(concat_h [w_h v_x,h + (1 - w_h) o_shared,h]) = sum_h w_h U_x,h + (1 - w_h) U_s,h + bias with
+        # U = each head's slice of out_proj applied to its values: B*N*H*D work instead of B*N*D*D
+        wo = self.attn.out_proj.weight.unflatten(1, (self.attn.num_heads, -1))  # (D, H, dh)
+        ux = torch.einsum("bhd,ehd->bhe", vx[:, :, 0], wo)  # (B, H, D)
+        us = torch.einsum("hnd,ehd->hne", o_shared, wo)  # (H, N, D)
+        out_s = (torch.einsum("bhn,bhe->bne", F.dropout(w, p, self.training), ux)
+                 + torch.einsum("bhn,hne->bne", 1.0 - w, us) + self.attn.out_proj.bias)
         # image queries over [x_i; S]
         sxx = (qx @ kx.transpose(-1, -2)) * scale  # (B, H, 1, 1)
         sxs = (qx @ ks.transpose(-1, -2)[None]) * scale  # (B, H, 1, N)
@@ -145,8 +151,7 @@ class CrossModalFusion(nn.Module):
         a = F.dropout(torch.softmax(torch.cat([sxx, sxs], dim=-1), dim=-1), p, self.training)
         o_x = a[..., :1] * vx + a[..., 1:] @ vs[None]  # (B, H, 1, dh)
         g = self.gate
-        return (zx + g * self._out(o_x)[:, 0], zs[None] + g * self._out(o_s),
-                zs + g * self._out(o_shared))
+        return zx + g * self._out(o_x)[:, 0], zs[None] + g * out_s, zs + g * self._out(o_shared)
 
 
 @register_method("candle")
