@@ -53,7 +53,6 @@ def test_identity_init_gives_zero_shot_l0(tiny_backbone) -> None:
 def test_prototypes_and_virtual_init(tiny_backbone) -> None:
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(10, 32, generator=gen)
-    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
     m = _model(tiny_backbone)
     torch.testing.assert_close(m.base_prototypes, torch.stack([feats[:5].mean(0), feats[5:8].mean(0),
                                                                feats[8:].mean(0)]))

@@ -107,7 +107,7 @@ class CrossModalFusion(nn.Module):
         """Per-head queries, keys, values (..., H, N, dh) of tokens z (..., N, D)."""
         h = self.attn.num_heads
         q, k, v = F.linear(z, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        split = lambda t: t.unflatten(-1, (h, -1)).transpose(-3, -2)  # noqa: E731
+        split = lambda t: t.unflatten(-1, (h, -1)).transpose(-3, -2)
         return split(q), split(k), split(v)
 
     def _out(self, o: Tensor) -> Tensor:
