@@ -50,7 +50,7 @@ def test_every_loss_declares_whether_it_balances_the_prior() -> None:
     assert {n: loss_balances_prior(n) for n in ("ce", "la", "bs")} == {"ce": False, "la": True, "bs": True}
     for name, cls in LOSSES.items():  # the registry is the one list; every entry says it
         assert isinstance(cls.balances_prior, bool) and isinstance(build_loss(name, [3, 2, 1]), Loss), name
-    with pytest.raises(UnknownNameError, match="bs, ce, cf, la"):
+    with pytest.raises(UnknownNameError, match="bs, ce, cf, cla, la"):
         loss_balances_prior("nope")
 
     class Undeclared(Loss):

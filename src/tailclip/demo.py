@@ -84,6 +84,11 @@ ROWS: list[DemoRow] = [
     DemoRow("GLA ensemble [synth-fewshot 16-shot]", "fs-gla-ensemble",
             ["method=gla", "data.name=synth-fewshot", "data.shots=16", "gla.mode=ensemble",
              "gla.finetuned_run={out}/fs-linear-probe"]),
+    # Candle on imbalanced base-to-new (r = 0.02), eval view only and few epochs to stay cheap on 2 CPU cores.
+    DemoRow("Candle [synth-b2n-lt IR 50]", "b2n-candle",
+            ["method=candle", "data.name=synth-b2n-lt", "data.imbalance_ratio=50", "candle.augment_views=0",
+             "train.epochs=3", "train.lr=0.01", "train.warmup_epochs=1", "eval.splits=[val,test_base,test_new]"],
+            quick=["train.epochs=1", "train.warmup_epochs=0"]),
 ]
 
 

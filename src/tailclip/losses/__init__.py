@@ -113,6 +113,22 @@ class BalancedSoftmaxLoss(LogitAdjustedLoss):
         self.log_prior = _counts_tensor(class_counts).log().float()
 
 
+@register_loss("cla")
+class CompensatingLogitAdjustedLoss(LogitAdjustedLoss):
+    """Candle's compensating LA loss: CE(z + tau * log pi, y) with pi_c = (n_c + 1) / sum_k (n_k + 1). The +1
+    gives classes without training images (base-to-new's new classes, trained only through their virtual
+    prototypes) a finite prior, the same for every such class, instead of LA's zero-count clamp."""
+
+    balances_prior = True  # LA with the +1-smoothed prior
+
+    def __init__(self, class_counts: Sequence[int] | np.ndarray | Tensor, tau: float = 1.0) -> None:
+        super().__init__([1] * len(class_counts), tau)  # built with a placeholder prior, replaced below
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+        if counts.ndim != 1 or counts.numel() == 0 or (counts < 0).any():
+            raise ValueError("class_counts must be a non-empty 1-D sequence of counts >= 0")
+        self.log_prior = ((counts + 1.0) / (counts + 1.0).sum()).log().float()
+
+
 def loss_names() -> tuple[str, ...]:
     """Every registered loss name (for a method's `check_choice` of its `loss` option)."""
     return tuple(LOSSES)
@@ -132,6 +148,6 @@ def loss_balances_prior(name: str) -> bool:
 from .compensation import CompensatedLALoss  # registers "cf"; imported last: it needs the registry above
 
 __all__ = [
-    "LOSSES", "BalancedSoftmaxLoss", "CompensatedLALoss", "CrossEntropy", "LogitAdjustedLoss", "Loss", "build_loss", "log_prior",
-    "loss_balances_prior", "loss_names", "register_loss",
+    "LOSSES", "BalancedSoftmaxLoss", "CompensatedLALoss", "CompensatingLogitAdjustedLoss", "CrossEntropy",
+    "LogitAdjustedLoss", "Loss", "build_loss", "log_prior", "loss_balances_prior", "loss_names", "register_loss",
 ]
