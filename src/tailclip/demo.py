@@ -88,7 +88,7 @@ ROWS: list[DemoRow] = [
     DemoRow("Candle [synth-b2n-lt IR 50]", "b2n-candle",
             ["method=candle", "data.name=synth-b2n-lt", "data.imbalance_ratio=50", "candle.augment_views=0",
              "train.epochs=3", "train.lr=0.01", "train.warmup_epochs=1", "eval.splits=[val,test_base,test_new]"],
-            quick=["train.epochs=1", "train.warmup_epochs=0"]),
+            quick=["train.epochs=1", "train.warmup_epochs=0"], seconds=75),
 ]
 
 
