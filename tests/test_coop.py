@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_engine import make_image_folder
 
 from tailclip.api import run
@@ -215,3 +214,32 @@ def test_base_to_new_run_scores_base_new_and_hm(name: str, tmp_path: Path, monke
     assert len(res["splits"]["test_new"]["per_class_top1"]) == 2  # new images scored among new classes only
     assert res["hm"] == pytest.approx(2 * res["base"] * res["new"] / (res["base"] + res["new"]) if res["base"] + res["new"]
                                       else 0.0)
+
+
+def test_presets_load_and_gla_reads_coops_loss(tmp_path: Path) -> None:
+    """Every CoOp/CoCoOp preset validates; GLA's source_prior=auto takes CoOp's CE as the train prior, and the
+    ImageNet RN50 GLA preset ensembles the CoOp grid."""
+    from tailclip.engine.runs import RunDir as _RunDir
+    from tailclip.methods.gla import source_prior_of
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    presets = sorted((root / "coop").glob("*.yaml")) + sorted((root / "cocoop").glob("*.yaml"))
+    assert len(presets) == 22
+    for path in presets:
+        cfg = load_config(path)
+        assert cfg.train.lr == 0.002 and cfg.train.warmup_epochs == 1 and cfg.train.warmup_lr == 1e-5
+        assert cfg.method_config().loss == "ce"
+    coop = load_config(root / "coop" / "imagenet_rn50.yaml")
+    assert coop.train.epochs == 50 and coop.train.batch_size == 32 and coop.method_config().n_ctx == 16
+    assert source_prior_of(_RunDir(tmp_path), coop) == "train"
+    gla = load_config(root / "gla" / "imagenet_rn50_ensemble.yaml")
+    assert gla.method_config().finetuned_run == f"runs/{coop.run_name}/k{{shots}}-s{{seed}}"
+
+
+def test_epochs_by_shots_sets_the_recipe(tiny_backbone) -> None:
+    from tailclip.config import TrainConfig
+
+    train = TrainConfig(epochs=200, warmup_epochs=1)
+    m = _method("coop", tiny_backbone, _info(), "coop.epochs_by_shots=true")  # a 4-shot task
+    assert m.train_config(train).epochs == 100 and m.train_config(train).warmup_epochs == 1
+    assert _method("coop", tiny_backbone, _info()).train_config(train).epochs == 200

@@ -61,7 +61,7 @@ class CoOpConfig:
     class_token_position: str = "end"  # end | middle | front
     loss: str = "ce"  # a registered loss (GLA's source_prior=auto reads it)
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    views: int = 10  # cached augmented views of the train split (K)
+    views: int = 10  # cached augmented views of the train split (K; 0: the un-augmented eval view only)
     per: str = "sample"  # which view a sample reads each epoch: sample (random) | epoch (view e mod K)
     epochs_by_shots: bool = False  # train.epochs from CoOp's rule by K (coop_epochs): one preset for a shot grid
     feature_cache: str | None = None
@@ -71,8 +71,8 @@ class CoOpConfig:
         check_choice("coop.loss", self.loss, loss_names())
         check_choice("coop.per", self.per, ("sample", "epoch"))
         check_range("coop.init_std", self.init_std, 0.0)
-        if self.n_ctx < 1 or self.views < 1:
-            raise ConfigError(f"coop.n_ctx={self.n_ctx} and coop.views={self.views} must be >= 1")
+        if self.n_ctx < 1 or self.views < 0:
+            raise ConfigError(f"coop.n_ctx={self.n_ctx} must be >= 1 and coop.views={self.views} >= 0")
 
 
 @dataclass
@@ -91,8 +91,8 @@ class CoCoOpConfig:
         check_choice("cocoop.loss", self.loss, loss_names())
         check_choice("cocoop.per", self.per, ("sample", "epoch"))
         check_range("cocoop.init_std", self.init_std, 0.0)
-        if self.n_ctx < 1 or self.views < 1 or self.eval_chunk < 1:
-            raise ConfigError("cocoop.n_ctx, cocoop.views and cocoop.eval_chunk must be >= 1")
+        if self.n_ctx < 1 or self.views < 0 or self.eval_chunk < 1:
+            raise ConfigError("cocoop.n_ctx and cocoop.eval_chunk must be >= 1, cocoop.views >= 0")
 
 
 class PromptLearner(nn.Module):
