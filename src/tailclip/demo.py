@@ -81,6 +81,11 @@ ROWS: list[DemoRow] = [
     DemoRow("linear probe [synth-fewshot 16-shot]", "fs-linear-probe",
             ["method=linear_probe", "data.name=synth-fewshot", "data.shots=16", "eval.splits=[val,test]", *PROBE_SEARCH],
             quick=["linear_probe.search_steps=2"]),
+    # CoOp from the cached eval view (views=0: 32 px shapes lose the shape under CoOp's 8 %-area crops), 5 epochs
+    DemoRow("CoOp [synth-fewshot 16-shot]", "fs-coop",
+            ["method=coop", "data.name=synth-fewshot", "data.shots=16", "coop.ctx_init=a photo of a", "coop.views=0",
+             "train.epochs=5", "train.batch_size=32", "train.lr=0.002", "eval.splits=[val,test]"],
+            quick=["train.epochs=1"]),
     DemoRow("GLA ensemble [synth-fewshot 16-shot]", "fs-gla-ensemble",
             ["method=gla", "data.name=synth-fewshot", "data.shots=16", "gla.mode=ensemble",
              "gla.finetuned_run={out}/fs-linear-probe"]),
