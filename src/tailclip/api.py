@@ -19,7 +19,7 @@ from .config import RunConfig, load_config  # (re-exported: configs loaded throu
 from .data.base import Task
 from .engine import distributed
 from .engine.checkpoint import META, load_checkpoint, read_meta, save_checkpoint, task_info
-from .engine.evaluate import resolve_device
+from .engine.evaluate import in_label_space, resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir, logits_file
 from .errors import DataError, TailclipError
@@ -58,18 +58,13 @@ def harmonic_mean(a: float, b: float) -> float:
 def restrict_to_label_space(
     task: Task, split: str, preds: Predictions, counts: np.ndarray | None
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-    """Base-to-new protocol: base images are scored among base classes only, new among new only
-    (task.meta["label_spaces"][split] lists the split's classes); other splits pass through unchanged."""
+    """Base-to-new protocol: logits, labels and class counts of a split within its own label space
+    (`engine.evaluate.in_label_space`); other splits pass through unchanged."""
     space = task.meta.get("label_spaces", {}).get(split)
-    if space is None:
-        return preds.logits, preds.labels, counts
-    cols = torch.as_tensor(space, dtype=torch.long)
-    remap = torch.full((task.num_classes,), -1, dtype=torch.long)
-    remap[cols] = torch.arange(len(cols))
-    labels = remap[preds.labels]
-    if (labels < 0).any():
-        raise RuntimeError(f"split {split!r} holds labels outside its label space")
-    return preds.logits[:, cols], labels, None if counts is None else np.asarray(counts)[cols.numpy()]
+    scored = in_label_space(task, split, preds)
+    if space is None or counts is None:
+        return scored.logits, scored.labels, counts
+    return scored.logits, scored.labels, np.asarray(counts)[np.asarray(space)]
 
 
 def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,22 @@ class Predictions:
     indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
     skipped: list[str] = field(default_factory=list)
     heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
+
+
+def in_label_space(task: Any, split: str, preds: Predictions) -> Predictions:
+    """Base-to-new protocol: a split's images scored among its own classes only (task.meta["label_spaces"][split];
+    base images among base classes, new among new), columns and labels renumbered; other splits unchanged."""
+    space = task.meta.get("label_spaces", {}).get(split)
+    if space is None:
+        return preds
+    cols = torch.as_tensor(space, dtype=torch.long)
+    remap = torch.full((preds.logits.shape[1],), -1, dtype=torch.long)
+    remap[cols] = torch.arange(len(cols))
+    labels = remap[preds.labels]
+    if (labels < 0).any():
+        raise RuntimeError(f"split {split!r} holds labels outside its label space")
+    return Predictions(preds.logits[:, cols], labels, preds.indices, preds.skipped,
+                       {h: v[:, cols] for h, v in preds.heads.items()})
 
 
 def resolve_device(name: str) -> torch.device:

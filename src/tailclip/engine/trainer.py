@@ -55,7 +55,7 @@ from .checkpoint import (
     save_resume_state,
     set_rng_state,
 )
-from .evaluate import Predictions, autocast, autocast_dtype, predict
+from .evaluate import Predictions, autocast, autocast_dtype, in_label_space, predict
 from .schedule import learning_rate
 
 if TYPE_CHECKING:
@@ -564,8 +564,8 @@ def _evaluate_epoch(
     in the released loops: a later epoch must be strictly better)."""
     preds: dict[str, Predictions] = {}
     for split in dict.fromkeys(s for s in (("val" if has_val else None), selection.split) if s):
-        preds[split] = predict(method, eval_ctx if split == selection.split else ctx, split, tte="none",
-                               desc=f"{split} {epoch + 1}")
+        raw = predict(method, eval_ctx if split == selection.split else ctx, split, tte="none", desc=f"{split} {epoch + 1}")
+        preds[split] = in_label_space(ctx.task, split, raw)  # base-to-new: val is scored among base classes
         row[f"{split}_top1"] = top1(preds[split].logits, preds[split].labels)
         for head, logits in preds[split].heads.items():
             row[f"{split}_top1_{head}"] = top1(logits, preds[split].labels)
