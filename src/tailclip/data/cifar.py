@@ -94,11 +94,30 @@ def _dataset_dir(root: Path) -> Path:
     raise DataError(f"CIFAR-100 files not found: {', '.join(missing)}. {HINT}")
 
 
+# The only globals a CIFAR-100 python pickle needs: numpy arrays (old and new module paths, protocol <= 5) and the
+# codec Python 3 uses for byte strings. Anything else (os.system, builtins.eval ...) is refused, not executed.
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles user files without running arbitrary code: only the CIFAR format's globals are admitted."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not part of the CIFAR-100 format; refused")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: name it)
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # noqa: BLE001  (a truncated, foreign or malicious file: name it)
         raise DataError(f"cannot read CIFAR-100 pickle {path}: {type(exc).__name__}: {exc}") from None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,7 @@ def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_class
     trace: list[dict[str, float]] = []
     cache: dict[float, float] = {}
     solutions: dict[float, tuple[Tensor, Tensor]] = {}
+    start = time.perf_counter()  # each fit logs a line: the search can take minutes on a large split
 
     def score(c: float) -> float:
         if c not in cache:
@@ -107,7 +109,8 @@ def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_class
             solutions[c] = (w, b)
             cache[c] = _accuracy(w, b, x_val, y_val)
             trace.append({"C": c, "val_acc": 100.0 * cache[c]})
-            log.debug("C=%g: val top-1 %.2f%%", c, 100.0 * cache[c])
+            log.info("C search, fit %d: C=%g val top-1 %.2f%% (%.1fs so far)", len(cache), c, 100.0 * cache[c],
+                     time.perf_counter() - start)
         return cache[c]
 
     grid = sorted(grid)
