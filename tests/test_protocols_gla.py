@@ -81,7 +81,7 @@ def test_source_prior_by_the_loss_property(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="has no `loss` option"):
         source_prior_of(run, load_config(None, ["method=zeroshot"]))
     cfg = load_config(None, ["method=linear_probe"])
-    cfg.linear_probe.loss = "cf"  # a loss this install does not register
+    cfg.linear_probe.loss = "nope"  # a loss this install does not register
     with pytest.raises(ConfigError, match="not a registered loss"):
         source_prior_of(run, cfg)
 
