@@ -269,8 +269,8 @@ def test_without_matplotlib_tables_are_written_and_the_report_says_how(tmp_path:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     files = report_runs([tmp_path / "run"], tmp_path / "out", formats="md,csv,html")
     assert not any(n.startswith("plots/") for n in files)
-    assert "pip install 'tailclip[extras]'" in files["report.md"].read_text()
-    assert "pip install &#x27;tailclip[extras]&#x27;" in files["report.html"].read_text()
+    assert "pip install 'matplotlib>=3.8'" in files["report.md"].read_text()
+    assert "pip install &#x27;matplotlib&gt;=3.8&#x27;" in files["report.html"].read_text()
     assert write_run_plots(tmp_path / "run") == []
 
 

@@ -1,5 +1,5 @@
 """Plots of runs and grids, each as PNG and SVG, from the files a run writes (results.json, saved logits,
-prior.json). matplotlib is optional (`pip install 'tailclip[extras]'`) and imported only here, when a plot is
+prior.json). matplotlib (a dependency) is imported only here, when a plot is
 drawn; figures are built with `matplotlib.figure.Figure` (the Agg renderer, no pyplot state), so plotting
 never changes the backend of a notebook that calls it.
 
@@ -32,7 +32,7 @@ MANY, FEW = 100, 20  # data.groups: many > 100, few < 20 training images
 BAND_COLORS = {"few": "#fbe3d6", "medium": "#fdf3d0", "many": "#dcebf7"}
 PRIOR_JSON = "prior.json"
 RELIABILITY_BINS = 15  # engine.metrics.expected_calibration_error's default
-INSTALL_HINT = "pip install 'tailclip[extras]'"
+INSTALL_HINT = "pip install 'matplotlib>=3.8' (a tailclip dependency)"
 
 
 class PlotsUnavailable(TailclipError):
