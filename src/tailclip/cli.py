@@ -1,4 +1,4 @@
-"""`tailclip train|eval|predict|extract|list|verify-data|report|demo`. Only the CLI configures logging."""
+"""`tailclip train|eval|predict|extract|list|verify-data|report|table|demo`. Only the CLI configures logging."""
 
 from __future__ import annotations
 
@@ -288,6 +288,31 @@ def report(
     typer.echo("written: " + ", ".join(str(p) for name, p in files.items() if "/" not in name))
     if any(name.startswith("plots/") for name in files):
         typer.echo(f"plots: {out / 'plots'}")
+
+
+@app.command()
+@_guard
+def table(
+    table_file: Annotated[Path, typer.Argument(help="table file (configs/*/ablation_*.yaml, *_table.yaml)")],
+    overrides: Overrides = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="preset replacing the file's `config`")] = None,
+    root: RootOpt = None,
+    output_dir: Annotated[str, typer.Option("--output-dir", help="where the table folder goes")] = "runs",
+    name: Annotated[str | None, typer.Option("--name", help="table folder name (default: the file's name)")] = None,
+    shots: Annotated[str | None, typer.Option(help="shot counts instead of the file's, e.g. 1,4,16")] = None,
+    seeds: Annotated[str | None, typer.Option(help="seeds instead of the file's, e.g. 1,2,3")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="draw the report's plots")] = True,
+) -> None:
+    """Run every row of a table file (a paper's comparison or ablation) over its seeds and print the table:
+    mean ± std per row. Finished rows are reused, so an interrupted table continues."""
+    from .table import load_table, run_table
+
+    _setup_logging()
+    spec = load_table(table_file, config)
+    cli = _overrides(None, None, None, root, None, None, overrides)
+    out = run_table(spec, output_dir, cli, name=name, seeds=_ints(seeds), shots=_ints(shots), plots=plots)
+    typer.echo(f"# {spec.title}\n\n" + (out / "report" / "report.md").read_text())
+    typer.echo(f"table folder: {out}")
 
 
 @app.command()

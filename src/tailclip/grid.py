@@ -1,7 +1,9 @@
-"""Few-shot grid runner: one run per (shots, seed), then mean ± std over seeds for each shot count.
+"""Grid runner: one run per (shots, seed), then mean ± std over seeds for each shot count.
 
-`tailclip train --shots 1,2,4,8,16 --seeds 1,2,3 ...` lands here. The grid folder holds one run folder per
-cell (`k{shots}-s{seed}`, each a normal run folder with its own results.json and drawn indices), plus
+`tailclip train --shots 1,2,4,8,16 --seeds 1,2,3 ...` lands here; `--seeds 1,2,3` alone (shots None: the task's own
+training set, e.g. a long-tailed one) runs one cell per seed. The grid folder holds one run folder per
+cell (`k{shots}-s{seed}`, or `s{seed}` without shots, each a normal run folder with its own results.json and drawn
+indices), plus
 `grid.json` (every cell's numbers and the per-shot aggregates) and `grid.md` (the table). The std is the
 population std over seeds (numpy's default, as CoOp's `parse_test_res.py` reports it). A cell whose
 results.json already exists is reused, so an interrupted grid continues where it stopped.
@@ -27,8 +29,13 @@ log = logging.getLogger(__name__)
 METRICS = ("top1", "many", "medium", "few", "ece", "nll")
 
 
-def cell_name(shots: int, seed: int) -> str:
-    return f"k{shots}-s{seed}"
+def cell_name(shots: int | None, seed: int) -> str:
+    return f"s{seed}" if shots is None else f"k{shots}-s{seed}"
+
+
+def shots_label(shots: int | None) -> str:
+    """How a shot count reads in tables and grid.json keys ("all": the task's own training set)."""
+    return "all" if shots is None else str(shots)
 
 
 def _stats(values: list[float | None]) -> dict[str, Any] | None:
@@ -42,9 +49,9 @@ def _stats(values: list[float | None]) -> dict[str, Any] | None:
 def aggregate(cells: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, Any]]:
     """{shots: {metric: {mean, std, n, values}}} over the seeds of each shot count."""
     out: dict[str, dict[str, Any]] = {}
-    for shots in sorted({c["shots"] for c in cells}):
+    for shots in sorted({c["shots"] for c in cells}, key=lambda k: -1 if k is None else k):
         rows = [c for c in cells if c["shots"] == shots]
-        out[str(shots)] = {m: s for m in metrics if (s := _stats([r["results"].get(m) for r in rows])) is not None}
+        out[shots_label(shots)] = {m: s for m in metrics if (s := _stats([r["results"].get(m) for r in rows])) is not None}
     return out
 
 
@@ -61,12 +68,16 @@ def format_grid(summary: dict[str, dict[str, Any]], title: str, metrics: Sequenc
     return "\n".join(lines) + "\n"
 
 
-def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
+def run_grid(cfg: RunConfig, shots: Sequence[int | None], seeds: Sequence[int],
              run_fn: Callable[[RunConfig], Path] | None = None) -> Path:
-    """Run every (shots, seed) cell with data.shots / data.seed set; returns the grid folder."""
+    """Run every (shots, seed) cell with data.shots, data.seed and train.seed set (shots None: left as configured);
+    returns the grid folder."""
     if run_fn is None:
         from .api import run as run_fn
-    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
+    shots = [None if k is None else int(k) for k in shots]
+    seeds = [int(s) for s in seeds]
+    if None in shots and len(shots) > 1:
+        raise ValueError("a grid runs either the task's own training set (shots None) or shot counts, not both")
     if not shots or not seeds:
         raise ValueError("a grid needs at least one shot count and one seed")
     name = cfg.run_name or f"grid-{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -76,15 +87,17 @@ def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
     for k in shots:
         for seed in seeds:
             cell_cfg = copy.deepcopy(cfg)
-            cell_cfg.data.shots = k
+            if k is not None:
+                cell_cfg.data.shots = k
             cell_cfg.data.seed = seed
+            cell_cfg.train.seed = seed  # one seed for the draw and the training, as CoOp's --seed
             cell_cfg.output_dir = str(grid_dir)
             cell_cfg.run_name = cell_name(k, seed)
             path = grid_dir / cell_cfg.run_name
             if (path / "results.json").is_file():
                 log.info("grid cell %s already done; reusing it", path.name)
             else:
-                log.info("grid cell shots=%d seed=%d", k, seed)
+                log.info("grid cell shots=%s seed=%d", shots_label(k), seed)
                 if path.is_dir() and cell_cfg.resume is None:  # an interrupted cell continues (same config)
                     cell_cfg.resume = "auto"
                 path = Path(run_fn(cell_cfg))

@@ -11,7 +11,7 @@
    step (hooks paused, no grad: a second forward, also at evaluation), W^zs the frozen text classifier in the same
    (pre-projection) space as W, i.e. W's initialisation; every product is the cosine head's sigma * cos.
 
-Each component is a switch, so every row of the ablation tables (5-6) is one command:
+Each component is a switch, so the ablation tables (5-6) are one command (`tailclip table configs/sage/ablation.yaml`):
 LIFT = `sage.adapter=adaptformer sage.init=lift sage.loss=la sage.fit=false`; + SG: `sage.adapter=sg`; + Init:
 `sage.init=sage60`; + CF: `sage.loss=cf`; + FIT: `sage.fit=true` (the defaults are the full method). Appendix E's
 SG-Adapter without W_proj: `sage.w_proj=false`. Images as LIFT: RandomResizedCrop + flip, bilinear, LIFT's test
@@ -50,21 +50,6 @@ log = logging.getLogger(__name__)
 
 INITS = {"lift": list(LIFT_TEMPLATES), "sage60": get_templates("sage60")}
 ADAPTERS = {"sg": "sg_adapter", "adaptformer": "adaptformer"}
-
-# The rows of the paper's ablation tables as overrides on a full-Sage preset (configs/sage/*.yaml lists them too).
-ABLATION_ROWS: dict[str, list[str]] = {  # Tables 5-6
-    "LIFT": ["sage.adapter=adaptformer", "sage.init=lift", "sage.loss=la", "sage.fit=false"],
-    "+SG": ["sage.init=lift", "sage.loss=la", "sage.fit=false"],
-    "+Init": ["sage.loss=la", "sage.fit=false"],
-    "+CF": ["sage.fit=false"],
-    "+FIT": [],
-}
-W_PROJ_ROWS: dict[str, list[str]] = {  # Appendix E, Tables 10-11: Init and CF in every row, no FIT
-    "baseline": ["sage.adapter=adaptformer", "sage.fit=false"],
-    "+SG-Adapter": ["sage.fit=false"],
-    "+SG-Adapter w/o W_proj": ["sage.w_proj=false", "sage.fit=false"],
-}
-
 
 @dataclass
 class SageConfig:

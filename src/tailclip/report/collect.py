@@ -30,7 +30,7 @@ CONFIG = "config.yaml"
 METRICS_CSV = "metrics.csv"
 GRID_JSON = "grid.json"
 REPORT_MD = "report.md"  # a report folder (skipped when a folder of runs is expanded)
-CELL = re.compile(r"^k(\d+)-s(\d+)$")  # grid.py::cell_name
+CELL = re.compile(r"^(?:k(\d+)-)?s(\d+)$")  # grid.py::cell_name (no k: the task's own training set)
 STD_DDOF = 0  # population std over seeds, as grid.py (and CoOp's parse_test_res.py) computes it
 
 # (results key, column title); base/new/hm only exist for base-to-new runs, many/medium/few for long-tailed ones
@@ -87,7 +87,7 @@ class Grid:
 
     path: Path
     label: str
-    cells: dict[tuple[int, int], Run] = field(default_factory=dict)
+    cells: dict[tuple[int | None, int], Run] = field(default_factory=dict)  # shots None: the task's own train set
 
 
 @dataclass
@@ -172,6 +172,10 @@ def read_run(path: Path, label: str | None = None) -> Run | Problem:
     return Run(path, label or path.name, results, config, train_seconds(path, results))
 
 
+def _cell_order(key: tuple[int | None, int]) -> tuple[int, int]:
+    return (-1 if key[0] is None else key[0], key[1])
+
+
 def is_grid(path: Path) -> bool:
     return (path / GRID_JSON).is_file() or (
         not (path / CONFIG).is_file() and any(CELL.match(p.name) and p.is_dir() for p in path.iterdir()))
@@ -185,13 +189,16 @@ def read_grid(path: Path, label: str | None = None) -> tuple[Grid, list[Problem]
     if (path / GRID_JSON).is_file():
         try:
             meta = json.loads((path / GRID_JSON).read_text())
-            expected = {(int(k), int(s)) for k in meta.get("shots", []) for s in meta.get("seeds", [])}
+            expected = {(None if k is None else int(k), int(s)) for k in meta.get("shots", [])
+                        for s in meta.get("seeds", [])}
         except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
             problems.append(Problem(path / GRID_JSON, f"not readable ({exc}); cells found on disk are used"))
-    found = {(int(m[1]), int(m[2])): p for p in sorted(path.iterdir()) if p.is_dir() and (m := CELL.match(p.name))}
-    for key in sorted(expected - set(found)):
-        problems.append(Problem(path / f"k{key[0]}-s{key[1]}", "grid cell missing (not started)"))
-    for key, cell_path in sorted(found.items()):
+    found = {(None if m[1] is None else int(m[1]), int(m[2])): p
+             for p in sorted(path.iterdir()) if p.is_dir() and (m := CELL.match(p.name))}
+    for shots, seed in sorted(expected - set(found), key=_cell_order):
+        name = f"s{seed}" if shots is None else f"k{shots}-s{seed}"
+        problems.append(Problem(path / name, "grid cell missing (not started)"))
+    for key, cell_path in sorted(found.items(), key=lambda item: _cell_order(item[0])):
         got = read_run(cell_path)
         if isinstance(got, Problem):
             problems.append(got)
@@ -263,8 +270,9 @@ def seed_stat(values: dict[int, float]) -> Stat:
 
 def _grid_rows(grid: Grid) -> list[Row]:
     rows = []
-    for shots in sorted({k for k, _ in grid.cells}):
-        cells = {seed: run for (k, seed), run in sorted(grid.cells.items()) if k == shots}
+    for shots in sorted({k for k, _ in grid.cells}, key=lambda k: -1 if k is None else k):
+        cells = {seed: run for (k, seed), run in sorted(grid.cells.items(), key=lambda i: _cell_order(i[0]))
+                 if k == shots}
         first = next(iter(cells.values()))
         stats = {}
         for key in METRIC_KEYS:
@@ -272,7 +280,7 @@ def _grid_rows(grid: Grid) -> list[Row]:
             if values:
                 stats[key] = seed_stat(values)
         res = first.results
-        row = Row(f"{grid.label} K={shots}", "grid", grid.path, res.get("method"), res.get("dataset"),
+        row = Row(grid.label if shots is None else f"{grid.label} K={shots}", "grid", grid.path, res.get("method"), res.get("dataset"),
                   first.model_name, shots, stats,
                   _mean_or_none([r.results.get("trainable_params") for r in cells.values()]),
                   _mean_or_none([r.train_seconds for r in cells.values()]), seeds=len(cells), runs=list(cells.values()))
