@@ -1,11 +1,14 @@
-"""Where LIFT training time goes: images/s of the data path alone (the trainer's own augmented-batch source),
+"""Where adapter training time goes (LIFT; Sage with and without FIT): images/s of the data path alone (the trainer's own augmented-batch source),
 of the model alone (forward + backward + SGD step on fixed tensors) and of both together (end to end), for the
 built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA. A gap between data-only and
 end-to-end says the model waits for data; end-to-end close to model-only says compute is the limit.
 Prints one JSON line per (model, device, precision). Not part of the test suite.
 
     python benchmarks/train_throughput.py [--models synthetic:tiny-clip,ViT-B-16@none] [--steps 5]
-        [--devices cpu,cuda] [--workers 0] [--batch-tiny 128] [--batch-vit 32]
+        [--methods lift,sage,sage+fit] [--devices cpu,cuda] [--workers 0] [--batch-tiny 128] [--batch-vit 32]
+
+`sage` is the SG-Adapter with the CF loss and no FIT; `sage+fit` adds FIT's frozen forward of the same crop (Sage's
+price). Every method trains on the same batches.
 
 Data comes from the synthetic `synth-lt` task (rendered once, cached; see `synthetic/world_cache.py`) with LIFT's
 RandomResizedCrop + flip to the model's input size; JPEG decoding is measured by benchmarks/data_throughput.py.
@@ -34,8 +37,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: str, device: torch.device, precision: str, batch: int, steps: int, workers: int) -> dict:
-    cfg = load_config(None, ["method=lift", f"model.name={model}", "data.name=synth-lt", "lift.crop_min_scale=0.5",
+METHODS = {  # name -> overrides (crops >= 50 % of the area, as the demo's rows)
+    "lift": ["method=lift", "lift.crop_min_scale=0.5"],
+    "sage": ["method=sage", "sage.crop_min_scale=0.5", "sage.fit=false"],
+    "sage+fit": ["method=sage", "sage.crop_min_scale=0.5", "sage.fit=true"],
+}
+
+
+def measure(method_name: str, model: str, device: torch.device, precision: str, batch: int, steps: int,
+            workers: int) -> dict:
+    cfg = load_config(None, [*METHODS[method_name], f"model.name={model}", "data.name=synth-lt",
                              f"train.batch_size={batch}", f"train.precision={precision}",
                              f"data.num_workers={workers}"])
     task, method = build(cfg, device)
@@ -79,11 +90,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="synthetic:tiny-clip,ViT-B-16@none")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--methods", default="lift", help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--batch-tiny", type=int, default=128)
     ap.add_argument("--batch-vit", type=int, default=32)
     args = ap.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     common = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
               "processor": platform.processor(), "workers": args.workers}
     for dev_name in args.devices.split(","):
@@ -94,9 +109,11 @@ def main() -> None:
         for model in args.models.split(","):
             batch = args.batch_tiny if model.startswith("synthetic:") else args.batch_vit
             for precision in ("fp32",) if device.type == "cpu" else ("fp32", "amp_bf16"):
-                row = {"model": model, "device": dev_name, "precision": precision, "batch": batch,
-                       **measure(model, device, precision, batch, args.steps, args.workers), **extra, **common}
-                print(json.dumps(row), flush=True)
+                for method in args.methods.split(","):
+                    row = {"method": method, "model": model, "device": dev_name, "precision": precision,
+                           "batch": batch, **measure(method, model, device, precision, batch, args.steps,
+                                                     args.workers), **extra, **common}
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
