@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from tailclip.engine import trainer as trainer_mod
 from tailclip.engine.checkpoint import load_checkpoint, save_checkpoint
 from tailclip.engine.evaluate import predict, predict_images
 from tailclip.engine.trainer import METRIC_COLUMNS, train
+from tailclip.errors import ConfigError
+from tailclip.features import AugSpec
 from tailclip.methods import FitContext, Method, Output
 from tailclip.methods.base import FeatureSpec, Inputs
 
@@ -29,8 +32,8 @@ class ToyFeatures(Method):
     inputs = "features"
     select_among = ("epochs", "heads")
 
-    def __init__(self, backbone, info, spec: FeatureSpec | None = None) -> None:
-        super().__init__(None, backbone, info)
+    def __init__(self, backbone, info, spec: FeatureSpec | None = None, cfg: object = None) -> None:
+        super().__init__(cfg, backbone, info)
         self.fc = nn.Linear(backbone.embed_dim, info.num_classes)
         self.spec = spec or FeatureSpec()
         self.seen: list[tuple[str, tuple[int, ...]]] = []
@@ -209,3 +212,35 @@ def test_linear_probe_head_trains_on_the_trainer(tmp_path: Path, tiny_backbone,
     assert len(rows) == 5 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
     vals = [float(r["val_top1"]) for r in rows]
     assert method.selection["on"] == "val" and method.selection["chosen"]["epoch"] == 1 + int(np.argmax(vals))
+
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_inputs_images_trains_a_features_method_on_a_live_forward(tmp_path, tiny_backbone, monkeypatch,
+                                                                  views: int) -> None:
+    """`<method>.inputs=images`: the trainer reads images, the transform is the cached views' augmentation (the
+    eval view when none are cached); on the eval view both paths take the same steps."""
+    spec = FeatureSpec(views=views, augment=AugSpec(scale=(0.8, 1.0), interpolation="bicubic"))
+    task, cfg, ctx = _setup(tmp_path, tiny_backbone, [], monkeypatch)
+    torch.manual_seed(0)
+    from_images = ToyFeatures(tiny_backbone, task.info(), spec, SimpleNamespace(inputs="images"))
+    assert from_images.inputs == "images" and ToyFeatures.inputs == "features"
+    if views:
+        crop = repr(from_images.train_transform(0))
+        assert "RandomResizedCrop" in crop and "scale=(0.8, 1.0)" in crop and "bicubic" in crop.lower()
+        return
+    from_cache = ToyFeatures(tiny_backbone, task.info(), spec, SimpleNamespace(inputs="features"))
+    from_cache.load_state_dict(from_images.state_dict())
+    before = from_cache.fc.weight.detach().clone()
+    train(from_images, ctx)
+    train(from_cache, FitContext(cfg, task.guarded(), tmp_path / "run2", torch.device("cpu")))
+    assert from_images.seen and from_images.seen == from_cache.seen
+    assert not torch.allclose(from_cache.fc.weight, before)
+    torch.testing.assert_close(from_images.fc.weight, from_cache.fc.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_inputs_switch_is_checked(tiny_backbone) -> None:
+    with pytest.raises(ConfigError, match="inputs='video'"):
+        ToyFeatures(tiny_backbone, color_task(2, 2).info(), cfg=SimpleNamespace(inputs="video"))
+    with pytest.raises(ConfigError, match="candle.inputs"):
+        load_config(None, ["method=candle", "candle.inputs=video"])

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone
 from ..config import RunConfig, TrainConfig, register_method_config
 from ..data.base import Task, TaskInfo
+from ..data.transforms import eval_transform
 from ..engine.evaluate import Predictions
 from ..errors import ConfigError
 from ..features import DEFAULT_AUG, AugSpec, FeatureSet, method_features
@@ -119,6 +120,12 @@ class Method(nn.Module, ABC):
         self.train_summary: TrainSummary | None = None  # set by the engine's trainer
         self.selection: dict[str, Any] | None = None  # what was selected on which split (results.json)
         backbone.requires_grad_(False)
+        chosen = getattr(cfg, "inputs", None)  # a features method's `<method>.inputs=images` switch
+        if chosen is not None:
+            if type(self).inputs != "features" or chosen not in ("features", "images"):
+                raise ConfigError(f"{self.name}.inputs={chosen!r}: choose features (train from the cache) or images "
+                                  "(a live forward of the frozen tower per batch)")
+            self.inputs = chosen
 
     # --- what methods implement -------------------------------------------------------------------
     @abstractmethod
@@ -159,7 +166,14 @@ class Method(nn.Module, ABC):
 
     def train_transform(self, epoch: int) -> Callable[[Any], Tensor] | None:
         """The image transform of training epoch `epoch`; None: RandomResizedCrop + flip from the backbone's
-        preprocessing (LIFT+ overrides this for its crop schedule)."""
+        preprocessing (LIFT+ overrides this for its crop schedule). A features method trained from images
+        (`inputs=images`) gets the augmentation its cached views use, a fresh crop per epoch (or the eval view
+        when it caches no augmented views)."""
+        if self.inputs == "images" and type(self).inputs == "features":
+            spec = self.feature_spec()
+            if not spec.views:
+                return eval_transform(self.backbone.preprocess)
+            return spec.augment.build(self.backbone.preprocess)
         return None
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor] | None:

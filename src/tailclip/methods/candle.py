@@ -60,11 +60,13 @@ class CandleConfig:
     attn_dropout: float = 0.1  # the released nn.MultiheadAttention(dropout=0.1)
     transductive: bool = False  # the released cross-batch attention (test predictions depend on the batch)
     augment_views: int = 10  # K augmented train views cached once (0: train on the eval view)
+    inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
     logit_scale: float | None = None  # None: the backbone's (100 for OpenAI CLIP)
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("candle.mask", self.mask, MASKS)
+        check_choice("candle.inputs", self.inputs, ("features", "images"))
         check_choice("candle.virtual_init", self.virtual_init, ("text", "visual"))
         check_range("candle.attn_dropout", self.attn_dropout, 0.0, 1.0)
         check_range("candle.augment_views", self.augment_views, 0, 1000)

@@ -62,6 +62,7 @@ class CoOpConfig:
     loss: str = "ce"  # a registered loss (GLA's source_prior=auto reads it)
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
     views: int = 10  # cached augmented views of the train split (K; 0: the un-augmented eval view only)
+    inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
     per: str = "sample"  # which view a sample reads each epoch: sample (random) | epoch (view e mod K)
     epochs_by_shots: bool = False  # train.epochs from CoOp's rule by K (coop_epochs): one preset for a shot grid
     feature_cache: str | None = None
@@ -70,6 +71,7 @@ class CoOpConfig:
         check_choice("coop.class_token_position", self.class_token_position, POSITIONS)
         check_choice("coop.loss", self.loss, loss_names())
         check_choice("coop.per", self.per, ("sample", "epoch"))
+        check_choice("coop.inputs", self.inputs, ("features", "images"))
         check_range("coop.init_std", self.init_std, 0.0)
         if self.n_ctx < 1 or self.views < 0:
             raise ConfigError(f"coop.n_ctx={self.n_ctx} must be >= 1 and coop.views={self.views} >= 0")
@@ -83,6 +85,7 @@ class CoCoOpConfig:
     loss: str = "ce"
     logit_scale: float | None = None
     views: int = 10
+    inputs: str = "features"  # as coop.inputs
     per: str = "sample"
     eval_chunk: int = 4096  # at most this many prompts (images x classes) through the text tower at once
     feature_cache: str | None = None
@@ -90,6 +93,7 @@ class CoCoOpConfig:
     def __post_init__(self) -> None:
         check_choice("cocoop.loss", self.loss, loss_names())
         check_choice("cocoop.per", self.per, ("sample", "epoch"))
+        check_choice("cocoop.inputs", self.inputs, ("features", "images"))
         check_range("cocoop.init_std", self.init_std, 0.0)
         if self.n_ctx < 1 or self.views < 0 or self.eval_chunk < 1:
             raise ConfigError("cocoop.n_ctx and cocoop.eval_chunk must be >= 1, cocoop.views >= 0")
