@@ -1,7 +1,7 @@
 """Method registry. Explicit imports below fill it; `tailclip list methods` prints it."""
 
 # One import per method module (each registers itself).
-from . import candle, coop, gla, lift, linear_probe, sage, tip_adapter, zeroshot  # noqa: F401
+from . import candle, coop, gla, ldc, lift, linear_probe, sage, tip_adapter, zeroshot  # noqa: F401
 from .base import METHODS, FitContext, Method, Output, Predictions, register_method
 
 

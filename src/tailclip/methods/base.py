@@ -121,7 +121,7 @@ class Method(nn.Module, ABC):
         self.selection: dict[str, Any] | None = None  # what was selected on which split (results.json)
         backbone.requires_grad_(False)
         chosen = getattr(cfg, "inputs", None)  # a features method's `<method>.inputs=images` switch
-        if chosen is not None:
+        if chosen is not None and chosen != "auto":  # auto: the method decides (LDC: by the cache's size)
             if type(self).inputs != "features" or chosen not in ("features", "images"):
                 raise ConfigError(f"{self.name}.inputs={chosen!r}: choose features (train from the cache) or images "
                                   "(a live forward of the frozen tower per batch)")
