@@ -144,10 +144,12 @@ class TrainSummary:
     best_metric: float | None = None  # top-1 (%) of the chosen epoch/head on the selection split
     selected_on: str | None = None  # the split selection used (None: the last epoch was kept)
     resumed_from: str | None = None
+    skipped_train_images: list[str] = field(default_factory=list)  # unreadable under data.on_bad_image=skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"epochs_run": len(self.history), "best_epoch": self.best_epoch, "best_metric": self.best_metric,
-                "selected_on": self.selected_on, "resumed_from": self.resumed_from}
+                "selected_on": self.selected_on, "resumed_from": self.resumed_from,
+                "skipped_train_images": self.skipped_train_images}
 
 
 @dataclass
@@ -269,6 +271,7 @@ class _ImageBatches:
     def __init__(self, method: Method, ctx: FitContext, cfg: TrainConfig) -> None:
         self.method, self.ctx, self.cfg = method, ctx, cfg
         self.split = ctx.task.split("train")
+        self.skipped: set[str] = set()  # images the DataLoader left out (data.on_bad_image=skip), by identity
 
     def __len__(self) -> int:
         return len(self.split)
@@ -291,7 +294,9 @@ class _ImageBatches:
             collate_fn=collate_skip_none, pin_memory=self.ctx.device.type == "cuda",
             generator=torch.Generator(),  # own generator: creating the iterator draws nothing from the global RNG
         )
-        for batch in loader:
+        for asked, batch in zip(batch_sampler, loader, strict=True):  # the loader keeps the sampler's order
+            got = set() if batch is None else {int(i) for i in batch[2]}
+            self.skipped.update(self.split.images.ident(i) for _, i in asked if i not in got)
             yield None if batch is None else (batch[0], batch[1])
 
 
@@ -309,6 +314,7 @@ class _FeatureBatches:
                 raise RuntimeError("the cached views of the train split cover different images")
         device = ctx.device
         self.labels = sets[0].labels.to(device)
+        self.skipped = set(sets[0].skipped)  # the cache lists the images it could not read
         # name -> (K, N, ...) float32 on the device
         self.views = {name: torch.stack([fs.get(name).float() for fs in sets]).to(device) for name in self.spec.tensors}
         self.num_views = len(sets)
@@ -552,6 +558,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
             start_step = 0
     finally:
         tb.close()
+    summary.skipped_train_images = sorted(source.skipped)
     _finish_selection(method, selection, best, summary)
     return summary
 
