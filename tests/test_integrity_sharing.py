@@ -47,6 +47,6 @@ def test_c_search_logs_every_fit(caplog: pytest.LogCaptureFixture) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 5, generator=g), torch.arange(40) % 4
     with caplog.at_level(logging.INFO, logger="tailclip.methods.linear_probe"):
-        _, trace = search_C(x, y, x, y, 4, [1e-2, 1.0, 1e2], steps=1, max_iter=20)
+        _, trace, _ = search_C(x, y, x, y, 4, [1e-2, 1.0, 1e2], steps=1, max_iter=20)
     lines = [r.message for r in caplog.records if "C search, fit" in r.message]
     assert len(lines) == len(trace) >= 4  # the 3 grid values and each new bisection probe: one line per fit
