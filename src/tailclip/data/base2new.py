@@ -12,6 +12,10 @@ conventions as the synthetic `synth-b2n` tasks).
   data.shots when set; val = 4 per base class (from the val split, else from the train images left over).
   Images are the first n_i of each class's seeded order, so the draws of different ratios are nested.
   data.seed picks the images (seeds 1/2/3 in the paper).
+* cross-dataset (`imagenet-xd-<target>`, Candle): every ImageNet class is a base class, drawn long-tailed as above
+  (IR 100, 100-shot cap); the target dataset's classes are appended as new classes and scored on the target's
+  test images among the target's classes (`test_new`); `test_base` is ImageNet's test split. `synth-xd` is the
+  built-in world's counterpart (classes 0-49 source, 50-99 target).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import Task
+from .base import Split, Task
 from .coop import SPECS
 from .fewshot import FEWSHOT_VAL_MAX, STREAM_VAL, fewshot_val_shots, sample_k_shot, sample_train_val, val_source
 from .registry import DATASETS, register_dataset
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHOTS = 16
 LT_NMAX = 100  # Candle's per-class cap
-DEFAULT_RATIO = {"imagenet": 100.0}  # others: 10
+DEFAULT_RATIO = {"imagenet": 100.0, "synth-xd": 100.0}  # others: 10 (synth-xd: the synthetic cross-dataset)
 
 
 def base_new_classes(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +59,60 @@ def b2n_lt_counts(available: np.ndarray, ratio: float, n_max: int = LT_NMAX) -> 
 
 def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, dataset: str = "") -> Task:
     """The base-to-new task of a full task (see module doc); `dataset` picks the default imbalance ratio."""
-    if "train" not in task.splits or "test" not in task.splits:
-        raise DataError(f"{task.name}: base-to-new needs train and test splits, it has {', '.join(task.splits)}")
+    _require(task, ("train", "test"), "base-to-new")
     base, new = base_new_classes(task.num_classes)
-    train, test = task.split("train"), task.split("test")
-    meta: dict = {"base_classes": base.tolist(), "new_classes": new.tolist(), "b2n_seed": cfg.seed}
+    splits, meta = _draw_train_val(task, base, cfg, imbalanced, dataset)
+    test = task.split("test")
+    splits["test"] = test
+    splits["test_base"] = test.subset(np.flatnonzero(test.labels < len(base)))
+    splits["test_new"] = test.subset(np.flatnonzero(test.labels >= len(base)))
+    spaces = {"train": base.tolist(), "val": base.tolist(), "test_base": base.tolist(), "test_new": new.tolist()}
+    meta.update(base_classes=base.tolist(), new_classes=new.tolist(), label_spaces=spaces)
+    log.info("%s: base-to-new, %d base / %d new classes, %d train images", task.name, len(base), len(new),
+             len(splits["train"]))
+    return dataclasses.replace(task, splits=splits, meta={**task.meta, **meta}, group_counts=None)
+
+
+def make_cross_dataset(source: Task, target: Task, cfg: DataConfig, dataset: str = "", name: str = "") -> Task:
+    """Candle's cross-dataset protocol: every class of `source` is a base class, trained long-tailed (as the
+    imbalanced base-to-new draw, default ratio 100 for ImageNet: r = 0.01, capped at 100 per class); the classes of
+    `target` are appended as new classes, never trained on, and scored on the target's test images among the
+    target's classes only (`test_new`); `test_base` is the source's test split among the source's classes.
+
+    The class list is source names + target names; every class is prompted with the source's templates (a task
+    has one template set), where the released code prompts the target with its own dataset's templates."""
+    _require(source, ("train", "test"), "cross-dataset (source)")
+    _require(target, ("test",), "cross-dataset (target)")
+    c_src, c_tgt = source.num_classes, target.num_classes
+    base, new = np.arange(c_src), np.arange(c_src, c_src + c_tgt)
+    splits, meta = _draw_train_val(source, base, cfg, True, dataset)
+    target_test = target.split("test")
+    splits["test_base"] = source.split("test")
+    splits["test_new"] = Split(target_test.images, target_test.labels + c_src)
+    spaces = {"train": base.tolist(), "val": base.tolist(), "test_base": base.tolist(), "test_new": new.tolist()}
+    meta.update(base_classes=base.tolist(), new_classes=new.tolist(), label_spaces=spaces, source=source.name,
+                target=target.name)
+    log.info("%s: cross-dataset, %d source classes (long-tailed, %d train images) -> %d target classes as new",
+             name or source.name, c_src, len(splits["train"]), c_tgt)
+    return Task(name or f"{source.name}-xd-{target.name}", list(source.classnames) + list(target.classnames),
+                list(source.templates), splits, meta={**source.meta, **meta})
+
+
+def _require(task: Task, splits: tuple[str, ...], what: str) -> None:
+    missing = [s for s in splits if s not in task.splits]
+    if missing:
+        raise DataError(f"{task.name}: {what} needs the split(s) {', '.join(missing)}; it has "
+                        f"{', '.join(task.splits)}")
+
+
+def _draw_train_val(task: Task, base: np.ndarray, cfg: DataConfig, imbalanced: bool,
+                    dataset: str) -> tuple[dict[str, Split], dict]:
+    """Train and val images of the `base` classes (labels 0..len(base)-1 of `task`): long-tailed by
+    `b2n_lt_counts` or K-shot, the first n_i of each class's seeded train order (so draws of different ratios are
+    nested); val from the dataset's val split, else the next k_val train images of the class (never from test; see
+    fewshot.py)."""
+    train = task.split("train")
+    meta: dict = {"b2n_seed": cfg.seed}
     base_idx = np.flatnonzero(train.labels < len(base))
     source = val_source(task)
     n_train: int | dict[int, int]
@@ -76,8 +129,6 @@ def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, data
         k = int(cfg.shots or DEFAULT_SHOTS)
         n_train, k_val = k, fewshot_val_shots(k, source)
         meta.update(shots=k)
-    # the first n_i of each base class's seeded train order (so draws of different ratios are nested); val from
-    # the dataset's val split, else the next k_val train images of the class (never from test; see fewshot.py)
     train_pos, val_pos = sample_train_val(train.labels[base_idx], n_train, k_val if source == "train" else 0, cfg.seed)
     train_idx = base_idx[train_pos]
     splits = {"train": train.subset(train_idx)}
@@ -91,15 +142,8 @@ def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, data
         val_idx = val_base[sample_k_shot(val.labels[val_base], k_val, cfg.seed, stream=STREAM_VAL)]
         splits["val"] = val.subset(val_idx)
     drawn["val"] = val_idx.tolist()
-    splits["test"] = test
-    splits["test_base"] = test.subset(np.flatnonzero(test.labels < len(base)))
-    splits["test_new"] = test.subset(np.flatnonzero(test.labels >= len(base)))
-    spaces = {"train": base.tolist(), "val": base.tolist(), "test_base": base.tolist(), "test_new": new.tolist()}
-    meta.update(label_spaces=spaces, shot_indices=drawn, val_source=source)
-    log.info(
-        "%s: base-to-new, %d base / %d new classes, %d train images", task.name, len(base), len(new), len(train_idx)
-    )
-    return dataclasses.replace(task, splits=splits, meta={**task.meta, **meta}, group_counts=None)
+    meta.update(shot_indices=drawn, val_source=source)
+    return splits, meta
 
 
 def _register(dataset: str, imbalanced: bool) -> None:
@@ -118,3 +162,21 @@ def _register(dataset: str, imbalanced: bool) -> None:
 for _dataset in ["imagenet"] + [s.name for s in SPECS] + ["fgvc_aircraft"]:
     _register(_dataset, imbalanced=False)
     _register(_dataset, imbalanced=True)
+
+
+def _register_cross(source: str, target: str) -> None:
+    name = f"{source}-xd-{target}"
+
+    def build(cfg: DataConfig) -> Task:
+        src = DATASETS.get(source)(dataclasses.replace(cfg, name=source, shots=None))
+        tgt = DATASETS.get(target)(dataclasses.replace(cfg, name=target, shots=None))
+        return make_cross_dataset(src, tgt, cfg, source, name)
+
+    build.__name__ = f"build_{name.replace('-', '_')}"
+    build.__doc__ = (f"cross-dataset (Candle): {source} long-tailed (IR = data.imbalance_ratio, default "
+                     f"{DEFAULT_RATIO.get(source, 10.0):g}) as base, {target}'s classes as new (scored on its test).")
+    register_dataset(name)(build)
+
+
+for _target in [s.name for s in SPECS] + ["fgvc_aircraft"]:
+    _register_cross("imagenet", _target)

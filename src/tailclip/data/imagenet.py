@@ -52,7 +52,8 @@ def _class_folders(base: Path, class_dirs: list[str], dataset: str, hint: str) -
 def build_imagenet(cfg: DataConfig) -> Task:
     """ImageNet-1k: 1.28M train, 50,000 test (the official val set, which serves as the test split).
 
-    Layout: `<root>/images/{train,val}/<wnid>/*.JPEG` (CoOp's `$DATA/imagenet`) or `<root>/{train,val}/<wnid>/`.
+    Layout: `<root>/images/{train,val}/<wnid>/*.JPEG` (CoOp's `$DATA/imagenet`; root may also be `$DATA`) or
+    `<root>/{train,val}/<wnid>/`.
     There is no val split: the official val images are the test split and are never used for a choice. With
     data.shots = K the few-shot val is drawn from the train images left after the K-shot draw (K per class, 20
     for K >= 32, as GLA's released code does; see data/fewshot.py), disjoint from the K-shot train images.
@@ -60,7 +61,9 @@ def build_imagenet(cfg: DataConfig) -> Task:
     hint = f"Expected <root>/images/train/<wnid>/ and <root>/images/val/<wnid>/; images: {IMAGENET_SOURCE}."
     root = require_root(cfg, hint)
     wnids, names = imagenet_classes()
-    base = root / "images" if (root / "images" / "train").is_dir() else root
+    # root itself, or CoOp's $DATA (holding imagenet/), so one --root serves ImageNet and the CoOp datasets
+    candidates = [root / "images", root / "imagenet" / "images", root / "imagenet", root]
+    base = next((c for c in candidates if (c / "train").is_dir()), root)
     splits = {}
     for split_name, folder in (("train", "train"), ("test", "val")):
         if not (base / folder).is_dir():

@@ -217,3 +217,22 @@ def build_synth_b2n_lt(cfg: DataConfig) -> Task:
     return _b2n_task("synth-b2n-lt", cfg, _subset(pool, picked), 4,
                      {"imbalance_ratio": ratio, "n_max": B2N_NMAX, "counts": counts.tolist(),
                       "indices": picked.tolist()})
+
+
+@register_dataset("synth-xd")
+def build_synth_xd(cfg: DataConfig) -> Task:
+    """SYNTHETIC shapes, cross-dataset (Candle): classes 0-49 long-tailed as the source (IR = imbalance_ratio,
+    default 100 as ImageNet's), classes 50-99 as the target's new classes (built in)."""
+    from .base2new import make_cross_dataset
+
+    pool = train_pool()
+    src_idx = np.nonzero(pool.labels < NUM_BASE)[0]
+    test = _stream_split("test", TEST_PER_CLASS)
+    tgt_test = test.subset(np.nonzero(test.labels >= NUM_BASE)[0])
+    source = Task("synth-xd-source", list(CLASSNAMES[:NUM_BASE]), _templates(cfg),
+                  {"train": _subset(pool, src_idx), "val": _stream_split("val", 4, np.arange(NUM_BASE)),
+                   "test": test.subset(np.nonzero(test.labels < NUM_BASE)[0])},
+                  meta={"synthetic": True, "note": SYNTHETIC_NOTE, "seed": cfg.seed})
+    target = Task("synth-xd-target", list(CLASSNAMES[NUM_BASE:]), _templates(cfg),
+                  {"test": Split(tgt_test.images, tgt_test.labels - NUM_BASE)})
+    return make_cross_dataset(source, target, cfg, "synth-xd", "synth-xd")
