@@ -41,6 +41,38 @@ def test_search_follows_released_grid() -> None:
     assert min(abs(beta - (i * 6.9 / 10 + 0.1)) for i in range(10)) < 1e-6
 
 
+def dense_search(feats, labels, w, keys, values, scale, search_scale, search_step):
+    """The released loop, transcribed: the whole affinity, a one-hot matmul, the first best (beta, alpha)."""
+    best = (-1.0, 0.0, 0.0)
+    for i in range(search_step[0]):
+        beta = i * (search_scale[0] - 0.1) / search_step[0] + 0.1
+        for j in range(search_step[1]):
+            alpha = j * (search_scale[1] - 0.1) / search_step[1] + 0.1
+            logits = scale * feats @ w.t() + alpha * torch.exp(-beta * (1 - feats @ keys.t())) @ values
+            acc = float(logits.argmax(1).eq(labels).float().mean())
+            if acc > best[0]:
+                best = (acc, alpha, beta)
+    return best[1], best[2], 100 * best[0]
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_chunked_search_equals_the_dense_released_loop(one_hot: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    c, d = 5, 16
+    keys = torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=-1)
+    key_labels = torch.arange(40) % c
+    values = (torch.nn.functional.one_hot(key_labels, c).float() if one_hot
+              else torch.rand(40, c, generator=g))
+    w = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=-1)
+    feats = torch.nn.functional.normalize(keys[torch.arange(60) % 40] + 0.8 * torch.randn(60, d, generator=g), dim=-1)
+    labels = key_labels[torch.arange(60) % 40]
+    want = dense_search(feats, labels, w, keys, values, 10.0, [7.0, 3.0], [12, 6])
+    for chunk_bytes in (4 * 40 * 7, 2**30):  # 7 val rows per chunk, and everything at once
+        got = search_alpha_beta(feats, labels, w, keys, values, 10.0, [7.0, 3.0], [12, 6], chunk_bytes=chunk_bytes)
+        assert got[0] == pytest.approx(want[0]) and got[1] == pytest.approx(want[1])
+        assert got[2] == pytest.approx(want[2])
+
+
 def register_fewshot_colors(with_val: bool = True) -> str:
     """Colour classes whose K-shot task also subsamples val to K per class (CoOp's few-shot val), so the full val
     split differs from the few-shot one; `with_val=False` builds a dataset without val (ImageNet's layout)."""
