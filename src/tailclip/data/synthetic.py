@@ -22,6 +22,8 @@ Tasks:
   synth-b2n-lt   imbalanced base-to-new (Candle): base class i gets n_i = max(int(100 * r^(i/49)), 1),
                  r = 1/imbalance_ratio (default imbalance_ratio 10, r = 0.1), classes ranked by label (the pool
                  is uniform); images drawn with the seeded sampler (nested in its 100-shot draw).
+  synth-xd       cross-dataset (Candle): classes 0-49 are the long-tailed source (imbalance_ratio, default 100),
+                 classes 50-99 the target's new classes, scored on their test images (test_new); no "test".
   Base-to-new tasks keep all 100 class names; splits: train, val (base classes), test (all classes),
   test_base, test_new; meta "base_classes"/"new_classes" and "label_spaces" tell an evaluator to score base
   images among base names only and new images among new names only (CoOp's base-to-new protocol).
