@@ -27,7 +27,8 @@ import torch
 
 from tailclip.config import load_config
 from tailclip.engine.evaluate import autocast
-from tailclip.engine.trainer import _ImageBatches, build_optimizer, epoch_order, plan_epoch
+from tailclip.engine.image_batches import ImageBatches
+from tailclip.engine.trainer import build_optimizer, epoch_order, plan_epoch
 from tailclip.methods.base import FitContext
 from tailclip.methods.loading import build
 
@@ -53,7 +54,7 @@ def measure(method_name: str, model: str, device: torch.device, precision: str, 
     train_cfg = method.train_config(cfg.train)
     optimizer = build_optimizer(method, train_cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        source = _ImageBatches(method, FitContext(cfg, task.guarded(), Path(tmp), device), train_cfg)
+        source = ImageBatches(method, FitContext(cfg, task.guarded(), Path(tmp), device), train_cfg)
         plan = plan_epoch(epoch_order(len(source), train_cfg.seed, 0), batch, 1, 0, 1)[: steps + 1]
 
         def step(images: torch.Tensor, labels: torch.Tensor) -> None:

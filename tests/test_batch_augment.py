@@ -65,7 +65,8 @@ def test_batch_matches_the_pil_path_under_the_same_seeds() -> None:
 def test_trainer_fast_path_yields_the_pil_path_batches(tmp_path) -> None:
     from tailclip.config import load_config
     from tailclip.data.base import Split, SubsetImages
-    from tailclip.engine.trainer import _ImageBatches, epoch_order, plan_epoch
+    from tailclip.engine.image_batches import ImageBatches
+    from tailclip.engine.trainer import epoch_order, plan_epoch
     from tailclip.methods.base import FitContext
     from tailclip.methods.loading import build
 
@@ -73,8 +74,8 @@ def test_trainer_fast_path_yields_the_pil_path_batches(tmp_path) -> None:
                              "data.shots=1", "lift.crop_min_scale=0.5", "train.batch_size=32"])
     task, method = build(cfg, torch.device("cpu"))
     ctx = FitContext(cfg, task.guarded(), tmp_path, torch.device("cpu"))
-    fast = _ImageBatches(method, ctx, cfg.train)
-    slow = _ImageBatches(method, ctx, cfg.train)
+    fast = ImageBatches(method, ctx, cfg.train)
+    slow = ImageBatches(method, ctx, cfg.train)
     train = fast.split
     slow.split = Split(SubsetImages(train.images, range(len(train))), train.labels)  # no load_array: PIL path
     plan = plan_epoch(epoch_order(len(train), cfg.train.seed, 3), 32, 1, 0, 1)

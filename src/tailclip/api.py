@@ -185,7 +185,8 @@ def load_for_predict(run_dir: Path) -> tuple[list[str], Method, torch.device]:
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.train.seed)  # as when the run was built (random-weight test models)
-    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
+    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
+                               memory_format=cfg.model.memory_format)
     want = meta.get("backbone_fingerprint")
     if want and backbone.fingerprint != want:
         raise TailclipError(f"{run_dir / META}: the run was trained on backbone {cfg.model.name} with fingerprint "

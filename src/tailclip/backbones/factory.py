@@ -81,8 +81,12 @@ def list_models() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # the factory
 # --------------------------------------------------------------------------------------------------
-def create_backbone(name: str, cache_dir: str | None = None, device: str | torch.device = "cpu") -> Backbone:
-    """Build a frozen Backbone (eval mode, requires_grad False) on `device` from any accepted name form."""
+def create_backbone(name: str, cache_dir: str | None = None, device: str | torch.device = "cpu",
+                    memory_format: str = "auto") -> Backbone:
+    """Build a frozen Backbone (eval mode, requires_grad False) on `device` from any accepted name form.
+
+    memory_format (model.memory_format): channels_last stores the conv weights channels-last, which makes every
+    convolution run channels-last (inputs are converted by the first conv); auto picks it for ResNet towers."""
     name = name.strip()
     if name.startswith("synthetic:"):
         backbone = _from_synthetic(name)
@@ -100,7 +104,10 @@ def create_backbone(name: str, cache_dir: str | None = None, device: str | torch
         raise UnknownNameError(_bare_name_message(name))
     backbone.requires_grad_(False)
     backbone.eval()
-    return backbone.to(torch.device(device))
+    backbone = backbone.to(torch.device(device))
+    if memory_format == "channels_last" or (memory_format == "auto" and backbone.patch_size is None):
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
 
 
 def _bare_name_message(name: str) -> str:

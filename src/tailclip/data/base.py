@@ -59,6 +59,15 @@ class FileImages:
         except Exception as exc:  # noqa: BLE001  (PIL raises many types for broken files)
             raise CorruptImageError(path, type(exc).__name__ + ": " + str(exc)) from None
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file (data.decode=gpu decodes it on the GPU)."""
+        path = self.ident(index)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise DataError(f"missing image file: {path}") from None
+
 
 class ArrayImages:
     """Images held in memory as a uint8 (N, H, W, 3) array (CIFAR)."""
@@ -92,6 +101,10 @@ class SubsetImages:
 
     def load(self, index: int) -> Image.Image:
         return self.base.load(self.indices[index])
+
+    def read_bytes(self, index: int) -> bytes:
+        """The base's encoded file (file-backed bases only: see `data.decode.reads_files`)."""
+        return self.base.read_bytes(self.indices[index])
 
 
 @dataclass
@@ -259,6 +272,10 @@ class LabeledImages(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
+        return self.item(index, self.transform)
+
+    def item(self, index: int, transform: Callable[[Image.Image], Any]) -> tuple[Any, int, int] | None:
+        """Item `index` under `transform` (the trainer passes each epoch's own)."""
         try:
             img = self.split.images.load(index)
         except DataError as exc:
@@ -268,7 +285,7 @@ class LabeledImages(torch.utils.data.Dataset):
                 self.bad.append(ident)
                 return None
             raise
-        return self.transform(img), int(self.split.labels[index]), index
+        return transform(img), int(self.split.labels[index]), index
 
 
 def collate_skip_none(batch: list[Any]) -> Any:

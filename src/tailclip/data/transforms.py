@@ -96,30 +96,42 @@ class TrainCrop(T.Compose):
 
     def batch(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalized float32 (B, 3, S, S); image b's randomness comes from seeds[b]."""
-        import torch.nn.functional as F
-
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"TrainCrop.batch takes uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+        return self.crops(list(images.permute(0, 3, 1, 2)), seeds)
+
+    def crops(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        """uint8 (3, H_b, W_b) images of any sizes, on any one device -> normalized float32 (B, 3, S, S) there.
+
+        Downscaling is antialiased like PIL's resampling (F.interpolate's antialias, bilinear and bicubic);
+        upscaling is plain interpolation, as in PIL."""
+        import torch.nn.functional as F
+
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         if not self.batchable:
             raise ConfigError(f"interpolation {self.interpolation!r} has no tensor-batch path; use one of: "
                               f"{', '.join(BATCH_MODES)}")
-        chw, mode = images.permute(0, 3, 1, 2).float(), self.interpolation
-        out = torch.empty(len(images), 3, self.size, self.size)
-        for b, seed in enumerate(seeds):
+        if not images:
+            raise ValueError("TrainCrop.crops got no images")
+        device, mode = images[0].device, self.interpolation
+        out = torch.empty(len(images), 3, self.size, self.size, device=device)
+        for b, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"TrainCrop.crops takes uint8 (3, H, W) images, got {image.dtype} {tuple(image.shape)}")
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(int(seed))
-                top, left, h, w = T.RandomResizedCrop.get_params(chw[b], list(self.scale), list(self.ratio))
+                top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
                 flip = self.flip and bool(torch.rand(1) < 0.5)
-            crop = chw[b : b + 1, :, top : top + h, left : left + w]
+            crop = image[None, :, top : top + h, left : left + w].float()
             if (h, w) != (self.size, self.size):
-                crop = F.interpolate(crop, size=(self.size, self.size), mode=mode,
-                                     **({} if mode == "nearest" else {"align_corners": False}))
+                down = h > self.size or w > self.size
+                options = {} if mode == "nearest" else {"align_corners": False, "antialias": down}
+                crop = F.interpolate(crop, size=(self.size, self.size), mode=mode, **options)
             out[b] = crop[0].flip(-1) if flip else crop[0]
         if self.interpolation == "bicubic":
             out.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clips to uint8
-        return (out / 255.0 - self.mean) / self.std
+        return (out / 255.0 - self.mean.to(device)) / self.std.to(device)
 
 
 def train_transform(

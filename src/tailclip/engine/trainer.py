@@ -32,7 +32,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..data.base import LabeledImages, collate_skip_none
-from ..data.transforms import TrainCrop, train_transform
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from . import distributed
@@ -56,6 +54,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .evaluate import Predictions, autocast, autocast_dtype, in_label_space, predict
+from .image_batches import ImageBatches, sample_seed
 from .schedule import learning_rate
 
 if TYPE_CHECKING:
@@ -83,32 +82,6 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
         return np.arange(n)
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(n, generator=g).numpy()
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of one image's augmentation in one epoch (a simple injective-enough mix, < 2**63)."""
-    return ((int(seed) * 1_000_003 + int(epoch)) * 10_000_019 + int(index)) % (2**63 - 1)
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """Yields LabeledImages items keyed by (epoch, index), running the random transform under a private seed.
-
-    fork_rng restores the caller's RNG afterwards, so augmentation never perturbs the training RNG stream. Only the
-    CPU generator is seeded (what transforms draw from): `torch.manual_seed` would also queue lazy CUDA/XPU/MTIA
-    seeding, each recording a stack trace, which cost ~5 ms per image, more than the tiny model's step."""
-
-    def __init__(self, items: LabeledImages, seed: int) -> None:
-        self.items = items
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.items[index]
 
 
 @dataclass
@@ -215,15 +188,6 @@ def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def make_train_transform(method: Method, epoch: int) -> Callable:
-    """The method's own train transform for this epoch (LIFT+ crop schedules), else RandomResizedCrop + flip
-    from the backbone's preprocessing."""
-    own = method.train_transform(epoch)
-    if own is not None:
-        return own
-    return train_transform(method.backbone.preprocess)
-
-
 def metric_columns(history: list[dict[str, Any]]) -> list[str]:
     """The fixed columns, then every other key (extras, per-head and test metrics) in order of first appearance."""
     cols = list(METRIC_COLUMNS)
@@ -265,41 +229,6 @@ class _TensorBoard:
 # ------------------------------------------------------------------------------------------------------
 # batch sources: images or cached features, one micro-batch at a time in plan order
 # ------------------------------------------------------------------------------------------------------
-class _ImageBatches:
-    """Augmented crops of the train split through a DataLoader (seeded per (epoch, image), see module doc)."""
-
-    def __init__(self, method: Method, ctx: FitContext, cfg: TrainConfig) -> None:
-        self.method, self.ctx, self.cfg = method, ctx, cfg
-        self.split = ctx.task.split("train")
-        self.skipped: set[str] = set()  # images the DataLoader left out (data.on_bad_image=skip), by identity
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def epoch(self, epoch: int, steps: list[StepPlan]) -> Iterator[tuple[Inputs, Tensor] | None]:
-        transform = make_train_transform(self.method, epoch)
-        if isinstance(transform, TrainCrop) and transform.batchable and hasattr(self.split.images, "load_array"):
-            # array-backed images (the synthetic world): crop whole uint8 batches as tensors, same per-image seeds
-            labels = torch.as_tensor(self.split.labels)
-            for mb in (mb for st in steps for mb in st.micro):
-                seeds = [sample_seed(self.cfg.seed, epoch, int(i)) for i in mb.indices]
-                images = torch.from_numpy(self.split.images.load_array(mb.indices))
-                yield transform.batch(images, seeds), labels[torch.as_tensor(mb.indices)]
-            return
-        items = SeededItems(LabeledImages(self.split, transform,
-                                          self.ctx.cfg.data.on_bad_image), self.cfg.seed)
-        batch_sampler = [[(epoch, int(i)) for i in mb.indices] for st in steps for mb in st.micro]
-        loader = torch.utils.data.DataLoader(
-            items, batch_sampler=batch_sampler, num_workers=self.ctx.cfg.data.num_workers,
-            collate_fn=collate_skip_none, pin_memory=self.ctx.device.type == "cuda",
-            generator=torch.Generator(),  # own generator: creating the iterator draws nothing from the global RNG
-        )
-        for asked, batch in zip(batch_sampler, loader, strict=True):  # the loader keeps the sampler's order
-            got = set() if batch is None else {int(i) for i in batch[2]}
-            self.skipped.update(self.split.images.ident(i) for _, i in asked if i not in got)
-            yield None if batch is None else (batch[0], batch[1])
-
-
 class _FeatureBatches:
     """The train split's cached tensors (every declared view) on the device; a micro-batch is an index gather.
 
@@ -413,8 +342,8 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the number of processes ({world})")
 
     seed_everything(cfg.seed)
-    source: _ImageBatches | _FeatureBatches = (
-        _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else _ImageBatches(method, ctx, cfg)
+    source: ImageBatches | _FeatureBatches = (
+        _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else ImageBatches(method, ctx, cfg)
     )
     n = len(source)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -558,6 +487,8 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
             start_step = 0
     finally:
         tb.close()
+        if isinstance(source, ImageBatches):
+            source.close()
     summary.skipped_train_images = sorted(source.skipped)
     _finish_selection(method, selection, best, summary)
     return summary

@@ -412,7 +412,8 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
     from ..engine.evaluate import resolve_device
 
     device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
+    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
+                               memory_format=cfg.model.memory_format)
     task = build_task(cfg.data)
     cache = FeatureCache(getattr(cfg.method_config(), "feature_cache", None))
     missing = [s for s in splits if s not in task.splits]

@@ -21,7 +21,8 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Task, Method]:
     """The task first (data errors are cheaper to find than loading weights), then the backbone and the method."""
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.data)
-    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device)
+    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
+                               memory_format=cfg.model.memory_format)
     method = METHODS.get(cfg.method)(cfg.method_config(), backbone, task.info()).to(device)
     return task, method
 
