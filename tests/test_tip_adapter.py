@@ -73,6 +73,33 @@ def test_chunked_search_equals_the_dense_released_loop(one_hot: bool) -> None:
         assert got[2] == pytest.approx(want[2])
 
 
+def test_grid_counts_equal_the_released_formula_with_long_tailed_keys() -> None:
+    """Every (beta, alpha) cell's count of correct rows, not only the winner: keys of 1..37 per class (padded
+    class blocks of 1..64), a class with no key, 40 betas (two exact refreshes of the recurrence)."""
+    from tailclip.methods.tip_adapter import grid, grid_correct
+
+    g = torch.Generator().manual_seed(5)
+    c, d = 12, 24
+    counts = [37, 20, 9, 5, 3, 2, 1, 1, 1, 16, 8, 0]
+    key_labels = torch.repeat_interleave(torch.arange(c), torch.tensor(counts))
+    key_labels = key_labels[torch.randperm(len(key_labels), generator=g)]  # keys in no class order
+    centres = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    keys = F.normalize(centres[key_labels] + 0.9 * torch.randn(len(key_labels), d, generator=g), dim=-1)
+    values = F.one_hot(key_labels, c).float()
+    w = F.normalize(centres + 1.2 * torch.randn(c, d, generator=g), dim=-1)
+    labels = torch.arange(300) % c
+    feats = F.normalize(centres[labels] + 0.9 * torch.randn(300, d, generator=g), dim=-1)
+    betas, alphas = grid([7.0, 3.0], [40, 20])
+    want = torch.zeros(len(betas), len(alphas), dtype=torch.long)
+    for i, beta in enumerate(betas):
+        for j, alpha in enumerate(alphas):
+            logits = tip_logits(feats.double(), w.double(), keys.double(), values.double(), alpha, beta, 10.0)
+            want[i, j] = logits.argmax(1).eq(labels).sum()
+    got = grid_correct(feats, labels, w, keys, values, 10.0, betas, alphas, chunk_bytes=3 * 4 * 300 * 50)
+    assert torch.equal(got, want)  # float32 here, float64 there: no row sits that close to a boundary
+    assert len(set(want.flatten().tolist())) > 10  # the grid really discriminates
+
+
 def register_fewshot_colors(with_val: bool = True) -> str:
     """Colour classes whose K-shot task also subsamples val to K per class (CoOp's few-shot val), so the full val
     split differs from the few-shot one; `with_val=False` builds a dataset without val (ImageNet's layout)."""
