@@ -10,7 +10,7 @@ import torch
 
 from tailclip.api import run
 from tailclip.config import load_config
-from tailclip.methods.linear_probe import fit_logreg, search_C
+from tailclip.methods.linear_probe import fit_logreg, search_C, stratified_rows
 
 
 def blobs(n: int, seed: int, classes: int = 5, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,55 @@ def test_logreg_beats_chance_and_c_search() -> None:
     assert acc > 0.8  # chance is 0.2
     w_strong, _ = fit_logreg(x, y, 5, 1e-4, max_iter=200)
     assert w_strong.norm() < w.norm()  # smaller C, stronger L2
+
+
+def test_stratified_rows_keep_the_class_proportions_and_every_class() -> None:
+    y = torch.repeat_interleave(torch.arange(4), torch.tensor([600, 300, 90, 10]))
+    rows = stratified_rows(y, 100, seed=3)
+    assert rows is not None and torch.equal(rows, stratified_rows(y, 100, seed=3))
+    assert torch.bincount(y[rows]).tolist() == [60, 30, 9, 1] and len(set(rows.tolist())) == 100
+    assert not torch.equal(rows, stratified_rows(y, 100, seed=4))
+    assert torch.bincount(y[stratified_rows(y, 5, seed=0)]).tolist() == [3, 2, 1, 1]  # every class keeps one
+    assert stratified_rows(y, 1000, seed=0) is None  # nothing to subsample
+
+
+def test_cold_start_at_the_log_prior_reaches_the_same_optimum() -> None:
+    x, y = blobs(30, 1)
+    keep = torch.cat([torch.arange(0, 30), torch.arange(30, 40), torch.arange(60, 64), torch.arange(90, 150)])
+    x, y = x[keep], y[keep]  # long-tailed: 30, 10, 4, 30, 30 rows
+
+    def objective(w: torch.Tensor, b: torch.Tensor, c: float) -> float:  # sklearn's, in float64
+        w, b = w.double(), b.double()
+        return float(c * torch.nn.functional.cross_entropy(x.double() @ w.t() + b, y, reduction="sum")
+                     + 0.5 * w.pow(2).sum())
+
+    for c in (1e-4, 1.0, 100.0):
+        w, b = fit_logreg(x, y, 5, c, max_iter=500, tol=1e-7)
+        w0, b0 = fit_logreg(x, y, 5, c, max_iter=500, tol=1e-7, init=(torch.zeros(5, 8), torch.zeros(5)))
+        assert objective(w, b, c) == pytest.approx(objective(w0, b0, c), rel=1e-5)
+        assert torch.equal((x @ w.t() + b).argmax(1), (x @ w0.t() + b0).argmax(1))
+
+
+def test_subsampled_search_then_fit_on_every_row(tiny_vit_json: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_features import register_color_dataset
+
+    from tailclip.engine.runs import RunDir
+
+    monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
+    results = {}
+    for rows in (None, 12):
+        cfg = load_config(None, [
+            f"model.name=json:{tiny_vit_json}", f"data.name={register_color_dataset()}", "method=linear_probe",
+            "linear_probe.search_steps=1", f"linear_probe.search_rows={'null' if rows is None else rows}",
+            "linear_probe.search_max_iter=50", f"output_dir={tmp_path}", f"run_name=lp{rows}",
+        ])
+        results[rows] = RunDir(run(cfg)).read_results()
+    full, sub = results[None]["linear_probe"], results[12]["linear_probe"]
+    assert sub["C_search_rows"] == 12 < full["C_search_rows"]
+    assert results[12]["top1"] > 50.0  # 4 colour classes: chance is 25 %; the final fit saw every row
+    with pytest.raises(Exception, match="linear_probe.search_rows"):
+        load_config(None, ["method=linear_probe", "linear_probe.search_rows=0"])
 
 
 @pytest.mark.parametrize("head", ["logreg", "cosine"])

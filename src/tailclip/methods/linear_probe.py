@@ -42,6 +42,11 @@ class LinearProbeConfig:
     c_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6])
     search_steps: int = 8  # log-space binary-search refinements around the best grid value
     max_iter: int = 300  # L-BFGS iterations per fit (sklearn: 100; CoOp passes 1000)
+    # Large train splits: search C on a seeded class-stratified subsample of this many rows (None: all rows, the
+    # CoOp/CLIP protocol), then fit the chosen C on every row, warm-started from the subsample's solution.
+    # C weighs the summed loss (sklearn's objective), so the same C on more rows regularises less, as it should.
+    search_rows: int | None = None
+    search_max_iter: int | None = None  # L-BFGS iterations per search fit (None: max_iter)
     refit_on_train_val: bool = False  # after choosing C, refit on train + val (CLIP's final fit)
     # head = linear | cosine (gradient training on cached features; optimiser settings come from cfg.train)
     loss: str = "ce"  # ce | la | bs (tailclip.losses)
@@ -55,6 +60,10 @@ class LinearProbeConfig:
         check_choice("linear_probe.loss", self.loss, loss_names())
         if self.C is not None and self.C <= 0:
             raise ConfigError(f"linear_probe.C={self.C} must be > 0")
+        for key in ("search_rows", "search_max_iter"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"linear_probe.{key}={value} must be >= 1 (or null)")
 
 
 def _prep(x: Tensor, normalize: bool) -> Tensor:
@@ -65,12 +74,17 @@ def fit_logreg(x: Tensor, y: Tensor, num_classes: int, C: float, max_iter: int =
                init: tuple[Tensor, Tensor] | None = None, tol: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression with sklearn's objective C * sum CE + ||W||^2 / 2 (bias unpenalised),
     divided by C*N for conditioning; full-batch L-BFGS in float32 until the gradient's max-norm is below `tol`
-    (sklearn's lbfgs stops at 1e-4). `init` warm-starts (the C search walks a path of neighbouring C's).
+    (sklearn's lbfgs stops at 1e-4). `init` warm-starts (the C search walks a path of neighbouring C's); a cold
+    start is W = 0 with the bias at the log class frequencies, the optimum of W = 0, which saves a long-tailed
+    split's strongly regularised fits most of their iterations (same optimum: only the path differs).
     Returns (W (C, D), b (C,))."""
     xd = x.float()
     n, d = xd.shape
-    w = torch.zeros(num_classes, d) if init is None else init[0].float().clone()
-    b = torch.zeros(num_classes) if init is None else init[1].float().clone()
+    if init is None:
+        w = torch.zeros(num_classes, d)
+        b = torch.bincount(y, minlength=num_classes).float().clamp(min=0.5).log()  # an absent class: a low bias
+    else:
+        w, b = init[0].float().clone(), init[1].float().clone()
     w.requires_grad_(True)
     b.requires_grad_(True)
     lam = 1.0 / (C * n)
@@ -90,6 +104,19 @@ def fit_logreg(x: Tensor, y: Tensor, num_classes: int, C: float, max_iter: int =
 
 def _accuracy(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> float:
     return float((x @ w.t() + b).argmax(dim=1).eq(y).float().mean())
+
+
+def stratified_rows(y: Tensor, rows: int, seed: int) -> Tensor | None:
+    """About `rows` row indices drawn per class in proportion to its count (at least one per present class),
+    seeded; None when the split has no more than `rows` rows (nothing to subsample)."""
+    if len(y) <= rows:
+        return None
+    g = torch.Generator().manual_seed(int(seed))
+    counts = torch.bincount(y)
+    take = (counts.double() * rows / len(y)).round().long().clamp(min=1).minimum(counts)
+    by_class = torch.split(torch.argsort(y, stable=True), counts.tolist())
+    picked = [m[torch.randperm(len(m), generator=g)[: int(take[c])]] for c, m in enumerate(by_class) if len(m)]
+    return torch.cat(picked).sort().values
 
 
 def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int, grid: list[float],
@@ -133,6 +160,17 @@ def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_class
         else:  # the peak is between the two probes: shrink both sides
             lo, hi = math.log10(left), math.log10(right)
     return c_best, trace, solutions[c_best]
+
+
+def search_C_for(cfg: LinearProbeConfig, x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor,
+                 num_classes: int, seed: int) -> tuple[float, list[dict[str, float]], tuple[Tensor, Tensor], int]:
+    """`search_C` as the config says: on every train row, or on `search_rows` of them (stratified, seeded) with
+    `search_max_iter` iterations per fit. Returns (C, trace, searched (W, b), rows searched on)."""
+    rows = stratified_rows(y_tr, cfg.search_rows, seed) if cfg.search_rows else None
+    x_s, y_s = (x_tr, y_tr) if rows is None else (x_tr[rows], y_tr[rows])
+    c, trace, searched = search_C(x_s, y_s, x_val, y_val, num_classes, list(cfg.c_grid), cfg.search_steps,
+                                  cfg.search_max_iter or cfg.max_iter)
+    return c, trace, searched, len(y_s)
 
 
 @register_method("linear_probe")
@@ -188,28 +226,31 @@ class LinearProbe(Method):
             raise ConfigError("train.select_on=paper: linear_probe declares no paper protocol; use val or none")
         has_val = "val" in ctx.task.splits
         searched: tuple[Tensor, Tensor] | None = None
+        search_on = len(y_tr)
         if cfg.C is not None:
             c, trace, chosen_on = cfg.C, [], "fixed"
         elif has_val and select_on != "none":
             x_val, y_val = self._xy(ctx, "val")
-            c, trace, searched = search_C(x_tr, y_tr, x_val, y_val, self.num_classes, list(cfg.c_grid),
-                                          cfg.search_steps, cfg.max_iter)
+            c, trace, searched, search_on = search_C_for(cfg, x_tr, y_tr, x_val, y_val, self.num_classes,
+                                                         ctx.cfg.train.seed)
             chosen_on = "val"
         else:
             c, trace, chosen_on = 0.316, [], "default"
             log.warning("%s: using C=%g without a search (no val split, or train.select_on=none)", ctx.task.name, c)
-        if cfg.refit_on_train_val and has_val:
+        refit = cfg.refit_on_train_val and has_val
+        if refit:
             x_val, y_val = self._xy(ctx, "val")
             x_tr, y_tr = torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])
-            searched = None
-        # the searched solution is the model whose val accuracy chose C (same data: a refit would only differ)
-        w, b = searched if searched is not None else fit_logreg(x_tr, y_tr, self.num_classes, c, cfg.max_iter)
+        if searched is not None and search_on == len(y_tr) and not refit:
+            w, b = searched  # the model whose val accuracy chose C (same data: a refit would only differ)
+        else:  # other rows than the search's: fit them, warm-started from the searched solution where there is one
+            w, b = fit_logreg(x_tr, y_tr, self.num_classes, c, cfg.max_iter, init=searched)
         with torch.no_grad():
             self.head.weight.copy_(w)
             self.head.bias.copy_(b)
         log.info("linear probe: C=%g (chosen on %s), train acc %.2f%%", c, chosen_on,
                  100 * _accuracy(w, b, x_tr, y_tr))
-        self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace}
+        self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace, "C_search_rows": search_on}
         self.selection = {"on": "val" if chosen_on == "val" else "none", "among": "C", "chosen": {"C": c},
                           "selected_on_test": False}
 
