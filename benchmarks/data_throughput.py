@@ -45,14 +45,17 @@ def make_folder(root: Path, n: int) -> None:
 
 
 def loader_rate(root: Path, workers: int, batch: int = 64) -> float:
+    """The training path of data.decode=cpu: PIL decode + crop to uint8 in the loader (persistent workers), the
+    batch normalised in this process (ImageBatches does the same, on the training device)."""
     paths = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
     split = Split(FileImages(str(root), paths), np.zeros(len(paths), np.int64))
-    items = LabeledImages(split, train_transform(PRE))
+    crop = train_transform(PRE)
+    items = LabeledImages(split, crop.uint8)
     loader = torch.utils.data.DataLoader(items, batch_size=batch, num_workers=workers, collate_fn=collate_skip_none,
                                          persistent_workers=workers > 0)
     list(loader)  # warm-up: page cache, worker start
     t0 = time.perf_counter()
-    seen = sum(len(b[1]) for b in loader)
+    seen = sum(len(crop.normalize(b[0])) for b in loader)
     return round(seen / (time.perf_counter() - t0), 1)
 
 

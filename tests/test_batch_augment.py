@@ -82,3 +82,18 @@ def test_trainer_fast_path_yields_the_pil_path_batches(tmp_path) -> None:
     for (xf, yf), (xs, ys) in zip(fast.epoch(3, plan), slow.epoch(3, plan), strict=True):
         assert torch.equal(yf, ys) and xf.shape == xs.shape == (len(yf), 3, 32, 32)
         assert (xf - xs).abs().max().item() < 0.02  # same crops; PIL's uint8 rounding only
+
+
+def test_uint8_crop_then_batch_normalize_equals_the_float_transform() -> None:
+    rng = np.random.default_rng(2)
+    tf = train_transform(PRE, (0.3, 1.0))
+    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(4)]
+    outs, crops = [], []
+    for seed, img in enumerate(images):
+        for store, fn in ((outs, tf), (crops, tf.uint8)):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                store.append(fn(img))
+    assert crops[0].dtype == torch.uint8 and crops[0].shape == (3, 32, 32)
+    assert torch.equal(tf.normalize(torch.stack(crops)), torch.stack(outs))  # bit for bit: the same operations
+

@@ -90,6 +90,17 @@ class TrainCrop(T.Compose):
         self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    def uint8(self, img: Image.Image) -> torch.Tensor:
+        """The crop as uint8 (3, S, S), stopping before ToTensor's float conversion: loader workers send a quarter
+        of the bytes and `normalize` finishes the batch where it goes (on the GPU, after a pinned copy)."""
+        for step in self.transforms[:-2]:  # the crop, the flip, ToRGB
+            img = step(img)
+        return T.functional.pil_to_tensor(img)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) from `uint8` -> the float batch ToTensor + Normalize make (the same operations)."""
+        return (batch.float() / 255.0 - self.mean.to(batch.device)) / self.std.to(batch.device)
+
     @property
     def batchable(self) -> bool:
         return self.interpolation in BATCH_MODES

@@ -3,7 +3,8 @@
 Three paths cut the same crops (each image's RandomResizedCrop box and flip drawn from the seed (seed, epoch,
 index), so no path depends on workers, ranks or RNG state):
 - array-backed images (the synthetic world, CIFAR): whole uint8 batches cropped as tensors in this process;
-- image files, data.decode=cpu (default): PIL decode + transform in DataLoader workers;
+- image files, data.decode=cpu (default): PIL decode + crop in DataLoader workers, which send uint8 crops (a
+  quarter of the bytes of float32); the batch is normalised where it trains, after a pinned copy on CUDA;
 - image files, data.decode=gpu: workers read the encoded bytes, the GPU decodes and crops (data/decode.py).
 
 The DataLoader is built once per run with persistent workers (data.num_workers > 0): an epoch only hands its
@@ -133,7 +134,8 @@ class ImageBatches:
                 yield crop.batch(images, self._seeds(epoch, mb.indices)), labels[torch.as_tensor(mb.indices)]
             return
         gpu = self.crop_device is not None
-        self.sampler.batches = [[(epoch, int(i), None if gpu else transform) for i in mb.indices] for mb in micro]
+        pil = transform.uint8 if isinstance(transform, TrainCrop) else transform  # uint8 crops: see TrainCrop.uint8
+        self.sampler.batches = [[(epoch, int(i), None if gpu else pil) for i in mb.indices] for mb in micro]
         loader = self._get_loader(gpu)
         images = self.split.images
         for asked, batch in zip(self.sampler.batches, loader, strict=True):  # the loader keeps the sampler's order
@@ -143,6 +145,8 @@ class ImageBatches:
                                              self.ctx.cfg.data.on_bad_image)
                 indices = indices[kept]
                 batch = (crop.crops(decoded, self._seeds(epoch, indices)), labels[kept], indices) if kept else None
+            elif batch is not None and isinstance(transform, TrainCrop):
+                batch = (transform.normalize(batch[0].to(self.ctx.device, non_blocking=True)), *batch[1:])
             got = set() if batch is None else {int(i) for i in batch[2]}
             self.skipped.update(images.ident(i) for _, i, _ in asked if i not in got)
             yield None if batch is None else (batch[0], batch[1])
