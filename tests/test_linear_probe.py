@@ -60,6 +60,17 @@ def test_cold_start_at_the_log_prior_reaches_the_same_optimum() -> None:
         assert torch.equal((x @ w.t() + b).argmax(1), (x @ w0.t() + b0).argmax(1))
 
 
+def test_a_looser_tolerance_stops_earlier_at_a_higher_objective() -> None:
+    x, y = blobs(30, 1)
+    losses = {}
+    for tol in (1e-1, 1e-7):
+        w, b = fit_logreg(x, y, 5, 100.0, max_iter=500, tol=tol)
+        losses[tol] = float(torch.nn.functional.cross_entropy(x @ w.t() + b, y) + 0.5 / (100.0 * len(y)) * w.pow(2).sum())
+    assert losses[1e-1] > losses[1e-7] + 1e-4
+    with pytest.raises(Exception, match="linear_probe.tol"):
+        load_config(None, ["method=linear_probe", "linear_probe.tol=0"])
+
+
 def test_subsampled_search_then_fit_on_every_row(tiny_vit_json: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from test_features import register_color_dataset
