@@ -10,7 +10,7 @@ import torch
 
 from tailclip.api import run
 from tailclip.config import load_config
-from tailclip.methods.linear_probe import fit_logreg, search_C, stratified_rows
+from tailclip.methods.linear_probe import ce_loss_grad, fit_logreg, search_C, stratified_rows
 
 
 def blobs(n: int, seed: int, classes: int = 5, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,19 @@ def test_cold_start_at_the_log_prior_reaches_the_same_optimum() -> None:
         w0, b0 = fit_logreg(x, y, 5, c, max_iter=500, tol=1e-7, init=(torch.zeros(5, 8), torch.zeros(5)))
         assert objective(w, b, c) == pytest.approx(objective(w0, b0, c), rel=1e-5)
         assert torch.equal((x @ w.t() + b).argmax(1), (x @ w0.t() + b0).argmax(1))
+
+
+def test_hand_gradient_equals_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 16, generator=g), torch.randint(0, 7, (1000,), generator=g)
+    w = torch.randn(7, 16, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(x @ w.t() + b, y)
+    loss.backward()
+    ce, grad_w, grad_b = ce_loss_grad(x, y, w.detach(), b.detach(), rows=300)  # chunks of 300: 4 of them
+    torch.testing.assert_close(ce.float(), loss.detach())
+    torch.testing.assert_close(grad_w, w.grad)
+    torch.testing.assert_close(grad_b, b.grad)
 
 
 def test_a_looser_tolerance_stops_earlier_at_a_higher_objective() -> None:
