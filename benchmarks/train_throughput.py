@@ -1,6 +1,7 @@
 """Where adapter training time goes (LIFT; Sage with and without FIT): images/s of the data path alone (the trainer's own augmented-batch source),
 of the model alone (forward + backward + SGD step on fixed tensors) and of both together (end to end), for the
-built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA. A gap between data-only and
+built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA; in fp32 and, on CUDA or a CPU with
+bf16 units, under bf16 autocast. A gap between data-only and
 end-to-end says the model waits for data; end-to-end close to model-only says compute is the limit.
 Prints one JSON line per (model, device, precision). Not part of the test suite.
 
@@ -87,6 +88,14 @@ def measure(method_name: str, model: str, device: torch.device, precision: str, 
     return out
 
 
+def precisions(device: torch.device) -> tuple[str, ...]:
+    """fp32, and bf16 autocast on CUDA or on CPUs with bf16 units (AVX512-BF16 / AMX); without them CPU bf16 is
+    emulated and slower than fp32."""
+    if device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return ("fp32", "amp_bf16")
+    return ("fp32",)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="synthetic:tiny-clip,ViT-B-16@none")
@@ -101,7 +110,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     common = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
-              "processor": platform.processor(), "workers": args.workers}
+              "processor": platform.processor(), "cpu_bf16_units": torch.cpu._is_avx512_bf16_supported(),
+              "cpu_amx": torch.cpu._is_amx_tile_supported(), "workers": args.workers}
     for dev_name in args.devices.split(","):
         if dev_name == "cuda" and not torch.cuda.is_available():
             continue
@@ -109,7 +119,7 @@ def main() -> None:
         extra = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
         for model in args.models.split(","):
             batch = args.batch_tiny if model.startswith("synthetic:") else args.batch_vit
-            for precision in ("fp32",) if device.type == "cpu" else ("fp32", "amp_bf16"):
+            for precision in precisions(device):
                 for method in args.methods.split(","):
                     row = {"method": method, "model": model, "device": dev_name, "precision": precision,
                            "batch": batch, **measure(method, model, device, precision, batch, args.steps,
