@@ -119,3 +119,22 @@ def test_resnet_towers_go_channels_last_with_the_same_outputs(tiny_rn_json: Path
     assert all(m.weight.is_contiguous() for m in vit.modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(ConfigError, match="model.memory_format"):
         load_config(None, ["model.memory_format=nhwc"])
+
+
+def test_validation_loader_and_its_workers_serve_every_epoch(tiny_vit_json: Path, tmp_path: Path) -> None:
+    from tailclip.engine.evaluate import predict
+
+    data = jpeg_folder(tmp_path / "data")
+    cfg = load_config(None, ["method=lift", f"model.name=json:{tiny_vit_json}", "data.name=image-folder",
+                             f"data.root={data}", "data.num_workers=1"])
+    task, method = build(cfg, torch.device("cpu"))
+    ctx = FitContext(cfg, task.guarded(), tmp_path, torch.device("cpu"))
+    loaders: dict = {}
+    first = predict(method, ctx, "val", tte="none", loaders=loaders)
+    loader = loaders[("val", "none")][0]
+    pids = [w.pid for w in loader._iterator._workers]
+    second = predict(method, ctx, "val", tte="none", loaders=loaders)
+    assert loaders[("val", "none")][0] is loader and [w.pid for w in loader._iterator._workers] == pids
+    plain = predict(method, ctx, "val", tte="none")  # no cache: a fresh loader, the same logits
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.logits, plain.logits)
+    assert first.logits.shape == (6, 3)

@@ -78,9 +78,10 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def image_loader(
     ctx: FitContext, split: str, transform, batch_size: int, shuffle: bool = False,
-    indices: np.ndarray | None = None,
+    indices: np.ndarray | None = None, persistent: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, LabeledImages]:
-    """Loader over a split (or the given positions of it); items are (image, label, position in the split)."""
+    """Loader over a split (or the given positions of it); items are (image, label, position in the split).
+    `persistent`: the workers outlive an epoch (for a loader iterated again, e.g. every epoch's validation)."""
     dataset = LabeledImages(ctx.task.split(split), transform, on_bad_image=ctx.cfg.data.on_bad_image)
     source = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
     loader = torch.utils.data.DataLoader(
@@ -88,6 +89,7 @@ def image_loader(
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=ctx.cfg.data.num_workers,
+        persistent_workers=persistent and ctx.cfg.data.num_workers > 0,
         collate_fn=collate_skip_none,
         pin_memory=ctx.device.type == "cuda",
         generator=torch.Generator(),  # own generator: evaluation never consumes the global (training) RNG
@@ -122,11 +124,13 @@ def _stack_outputs(method: Method, images: Tensor) -> Tensor:
     return ensemble_logits(forward, images).view(images.shape[0], 1 + len(heads), -1)
 
 
-def predict(method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None) -> Predictions:
-    """`Method.predict`'s default: images through the method, or the split's cached features for feature methods."""
+def predict(method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None,
+            loaders: dict | None = None) -> Predictions:
+    """`Method.predict`'s default: images through the method, or the split's cached features for feature methods.
+    `loaders`: a dict the caller keeps to reuse image loaders (and their workers) across calls."""
     if method.inputs == "features":
         return predict_features(method, ctx, split, desc)
-    return predict_images(method, ctx, split, tte, desc)
+    return predict_images(method, ctx, split, tte, desc, loaders)
 
 
 @torch.no_grad()
@@ -156,7 +160,8 @@ def predict_features(method: Method, ctx: FitContext, split: str, desc: str | No
 
 @torch.no_grad()
 def predict_images(
-    method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None
+    method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None,
+    loaders: dict | None = None,
 ) -> Predictions:
     """Logits of `method` on every image of `split` (averaged over crops when TTE is on; `tte` overrides
     eval.tte, e.g. "none" for the per-epoch validation pass). The transform is the method's own
@@ -172,7 +177,14 @@ def predict_images(
     n = len(ctx.task.split(split))
     world = distributed.world_size()
     mine = distributed.shard(np.arange(n), distributed.rank(), world) if world > 1 else None
-    loader, dataset = image_loader(ctx, split, transform, ctx.cfg.eval.batch_size, indices=mine)
+    key = (split, tte)
+    if loaders is not None and key in loaders:
+        loader, dataset = loaders[key]
+    else:
+        loader, dataset = image_loader(ctx, split, transform, ctx.cfg.eval.batch_size, indices=mine,
+                                       persistent=loaders is not None)
+        if loaders is not None:
+            loaders[key] = loader, dataset
     was_training = method.training
     method.eval()
     all_logits, all_labels, all_idx = [], [], []

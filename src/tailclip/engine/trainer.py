@@ -407,6 +407,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         cfg.batch_size, world, cfg.grad_accum, cfg.optimizer, cfg.precision,
         f"best of {' and '.join(selection.among)} on {selection.split}" if selection.split else "last epoch",
     )
+    eval_loaders: dict = {}  # (split, tte) -> the validation loader, reused every epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             method.on_epoch_start(epoch, cfg.epochs)
@@ -470,7 +471,8 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
             row.update({k: v / count for k, v in extras.items()})
             last = epoch == cfg.epochs - 1
             if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last) or (selection.split and last):
-                best = _evaluate_epoch(method, ctx, eval_ctx, selection, has_val, epoch, last, row, best)
+                best = _evaluate_epoch(method, ctx, eval_ctx, selection, has_val, epoch, last, row, best,
+                                       eval_loaders)
             summary.history.append(row)
             log.info("epoch %d/%d  lr %.3g  %s  (%.1f %s/s)", epoch + 1, cfg.epochs, lr,
                      "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
@@ -489,6 +491,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         tb.close()
         if isinstance(source, ImageBatches):
             source.close()
+        eval_loaders.clear()  # their persistent workers stop
     summary.skipped_train_images = sorted(source.skipped)
     _finish_selection(method, selection, best, summary)
     return summary
@@ -496,13 +499,15 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
 
 def _evaluate_epoch(
     method: Method, ctx: FitContext, eval_ctx: FitContext, selection: Selection, has_val: bool, epoch: int,
-    last: bool, row: dict[str, Any], best: dict[str, Any] | None,
+    last: bool, row: dict[str, Any], best: dict[str, Any] | None, loaders: dict,
 ) -> dict[str, Any] | None:
     """Score the val split (reported) and the selection split; keep the best candidate (the first best wins, as
-    in the released loops: a later epoch must be strictly better)."""
+    in the released loops: a later epoch must be strictly better). `loaders` keeps the image loaders, and their
+    workers, from one epoch to the next."""
     preds: dict[str, Predictions] = {}
     for split in dict.fromkeys(s for s in (("val" if has_val else None), selection.split) if s):
-        raw = predict(method, eval_ctx if split == selection.split else ctx, split, tte="none", desc=f"{split} {epoch + 1}")
+        raw = predict(method, eval_ctx if split == selection.split else ctx, split, tte="none",
+                      desc=f"{split} {epoch + 1}", loaders=loaders)
         preds[split] = in_label_space(ctx.task, split, raw)  # base-to-new: val is scored among base classes
         row[f"{split}_top1"] = top1(preds[split].logits, preds[split].labels)
         for head, logits in preds[split].heads.items():
