@@ -2,7 +2,7 @@
 
 Three paths cut the same crops (each image's RandomResizedCrop box and flip drawn from the seed (seed, epoch,
 index), so no path depends on workers, ranks or RNG state):
-- array-backed images (the synthetic world, CIFAR): whole uint8 batches cropped as tensors in this process;
+- array-backed images with `load_array` (the synthetic world): whole uint8 batches cropped as tensors here;
 - image files, data.decode=cpu (default): PIL decode + crop in DataLoader workers, which send uint8 crops (a
   quarter of the bytes of float32); the batch is normalised where it trains, after a pinned copy on CUDA;
 - image files, data.decode=gpu: workers read the encoded bytes, the GPU decodes and crops (data/decode.py).
@@ -160,7 +160,7 @@ class ImageBatches:
                     raise ConfigError(f"data.decode=gpu decodes image files; the train split of {self.ctx.task.name} "
                                       f"is not stored as files: use data.decode=cpu")
                 items: torch.utils.data.Dataset = EncodedItems(self.split, data.on_bad_image)
-            else:
+            else:  # each key brings its epoch's transform; the one given here is never applied
                 items = SeededItems(LabeledImages(self.split, train_transform(self.method.backbone.preprocess),
                                                   data.on_bad_image), self.cfg.seed)
             self._loader = torch.utils.data.DataLoader(

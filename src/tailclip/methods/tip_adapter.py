@@ -140,7 +140,6 @@ class ClassBlocks:
             self.groups.append((len(cls), n))
         self.columns = torch.cat(columns)  # (K',) key index per padded column, `sentinel` for padding
         self.class_order = torch.cat(order)  # class of each group output column
-        self.empty = torch.nonzero(counts == 0).flatten()  # classes with no key: their cache term is 0
         self.num_classes = num_classes
 
     def gather(self, affinity: Tensor) -> Tensor:
@@ -163,9 +162,10 @@ def grid_correct(feats: Tensor, labels: Tensor, text_weights: Tensor, keys: Tens
                  betas: list[float], alphas: list[float], chunk_bytes: int = 256 * 2**20) -> Tensor:
     """(betas, alphas) counts of val rows the Tip-Adapter logits classify correctly.
 
-    The released loop computes exp(-beta (1 - A)) @ values for every pair: a (val x keys) exponential per beta,
-    ~1 h on a 2-core CPU at ImageNet-LT's 20,000 x 115,846. Here, per chunk of val rows (affinity of about
-    `chunk_bytes`), with the same result up to float rounding:
+    The released loop computes exp(-beta (1 - A)) @ values for every pair: a (val x keys) exponential and a
+    one-hot matmul per beta (28 GB at once at ImageNet-LT's 20,000 x 115,846; ~80 min on 2 cores even chunked).
+    Here, per chunk of val rows (affinity of about `chunk_bytes`), with the same result up to float rounding
+    (805 s, 2.3 GB peak at that size: benchmarks/frozen_methods.py):
     - exp(-beta (1 - a)) = e^-beta exp(beta a), and the betas are evenly spaced, so exp(beta_i a) is the previous
       one times exp(delta a): one multiply per pair and beta (an exact exponential every REFRESH betas);
     - the one-hot values make the cache term a per-class sum over keys (`ClassBlocks`);
