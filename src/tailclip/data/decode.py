@@ -90,12 +90,12 @@ def _decode_one(data: Tensor, device: torch.device) -> Tensor:
         if bytes(data[:2].tolist()) == JPEG_MAGIC:
             try:
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 pass  # e.g. CMYK or progressive variants nvJPEG rejects: the CPU decoders below
         try:
             return decode_image(data, mode=ImageReadMode.RGB).to(device)
-        except RuntimeError:
-            pass
+        except (RuntimeError, ValueError):
+            pass  # a format torchvision does not decode (BMP, TIFF, ...): PIL below
     with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
         rgb = np.asarray(img.convert("RGB"))
         return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device)
