@@ -81,16 +81,17 @@ def test_gpu_decode_path_cuts_the_pil_paths_crops(tiny_vit_json: Path, tmp_path:
         assert diff.mean() < 1.0 and diff.max() < 12.0
 
 
-def test_gpu_decode_reads_png_and_names_or_skips_a_broken_file(tiny_vit_json: Path, tmp_path: Path) -> None:
+def test_gpu_decode_reads_png_bmp_and_names_or_skips_a_broken_file(tiny_vit_json: Path, tmp_path: Path) -> None:
     data = jpeg_folder(tmp_path / "data")
     Image.open(data / "train" / "class_1" / "3.jpg").save(data / "train" / "class_1" / "3b.png")  # not a JPEG
+    Image.open(data / "train" / "class_0" / "2.jpg").save(data / "train" / "class_0" / "2b.bmp")  # PIL's only
     bad = data / "train" / "class_2" / "0.jpg"
     bad.write_bytes(b"\xff\xd8 truncated, not a JPEG body")
     cpu = torch.device("cpu")
     with pytest.raises(CorruptImageError, match="0.jpg"):
         batches_of(tiny_vit_json, data, tmp_path, [], (0,), crop_device=cpu)
     (got,), source = batches_of(tiny_vit_json, data, tmp_path, ["data.on_bad_image=skip"], (0,), crop_device=cpu)
-    assert sum(len(y) for _, y in got) == 18  # 19 train files, the broken one left out, the PNG kept
+    assert sum(len(y) for _, y in got) == 19  # 20 train files, the broken one left out, the PNG and BMP kept
     assert source.skipped == {str(bad)}
 
 

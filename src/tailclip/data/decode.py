@@ -97,7 +97,7 @@ def _decode_one(data: Tensor, device: torch.device) -> Tensor:
         except (RuntimeError, ValueError):
             pass  # a format torchvision does not decode (BMP, TIFF, ...): PIL below
     with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = np.array(img.convert("RGB"))  # a writable copy for torch.from_numpy
         return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device)
 
 
