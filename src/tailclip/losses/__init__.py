@@ -122,11 +122,10 @@ class CompensatingLogitAdjustedLoss(LogitAdjustedLoss):
     balances_prior = True  # LA with the +1-smoothed prior
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray | Tensor, tau: float = 1.0) -> None:
-        super().__init__([1] * len(class_counts), tau)  # built with a placeholder prior, replaced below
         counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
         if counts.ndim != 1 or counts.numel() == 0 or (counts < 0).any():
             raise ValueError("class_counts must be a non-empty 1-D sequence of counts >= 0")
-        self.log_prior = ((counts + 1.0) / (counts + 1.0).sum()).log().float()
+        super().__init__(counts + 1.0, tau)  # LA's prior of the +1-smoothed counts
 
 
 def loss_names() -> tuple[str, ...]:

@@ -109,16 +109,14 @@ def fit_logreg(x: Tensor, y: Tensor, num_classes: int, C: float, max_iter: int =
         b = torch.bincount(y, minlength=num_classes).float().clamp(min=0.5).log()  # an absent class: a low bias
     else:
         w, b = init[0].float().clone(), init[1].float().clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     lam = 1.0 / (C * n)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
-        ce, grad_w, grad_b = ce_loss_grad(xd, y, w.detach(), b.detach())
-        w.grad, b.grad = grad_w.add_(w.detach(), alpha=lam), grad_b
-        return ce + 0.5 * lam * w.detach().pow(2).sum()
+        ce, grad_w, grad_b = ce_loss_grad(xd, y, w, b)
+        w.grad, b.grad = grad_w.add_(w, alpha=lam), grad_b
+        return ce + 0.5 * lam * w.pow(2).sum()
 
     with few_threads_for_small(xd.numel() + num_classes * n):
         opt.step(closure)

@@ -142,10 +142,15 @@ class ClassBlocks:
         self.class_order = torch.cat(order)  # class of each group output column
         self.num_classes = num_classes
 
+    def to(self, device: torch.device) -> ClassBlocks:
+        """The layout's index tensors on `device` (moved once, not per beta)."""
+        self.columns, self.class_order = self.columns.to(device), self.class_order.to(device)
+        return self
+
     def gather(self, affinity: Tensor) -> Tensor:
         """(rows, K) affinities -> (rows, K') in block layout, padding at -inf."""
         pad = affinity.new_full((affinity.shape[0], 1), float("-inf"))
-        return torch.cat([affinity, pad], dim=1)[:, self.columns.to(affinity.device)]
+        return torch.cat([affinity, pad], dim=1)[:, self.columns]
 
     def class_sums(self, weights: Tensor) -> Tensor:
         """(rows, K') block-layout weights -> (rows, C) per-class sums."""
@@ -154,7 +159,7 @@ class ClassBlocks:
             parts.append(weights[:, at : at + n_cls * n].view(rows, n_cls, n).sum(-1))
             at += n_cls * n
         out = weights.new_zeros(rows, self.num_classes)
-        out[:, self.class_order.to(weights.device)] = torch.cat(parts, dim=1)
+        out[:, self.class_order] = torch.cat(parts, dim=1)
         return out
 
 
@@ -180,7 +185,7 @@ def grid_correct(feats: Tensor, labels: Tensor, text_weights: Tensor, keys: Tens
     correct = torch.zeros(len(betas), len(alphas), dtype=torch.long, device=device)
     alpha_t = torch.tensor(alphas, dtype=torch.float64, device=device)
     one_hot = bool(((values == 0) | (values == 1)).all() and values.sum(dim=1).eq(1).all())
-    blocks = ClassBlocks(values.argmax(dim=1).cpu(), values.shape[1]) if one_hot else None
+    blocks = ClassBlocks(values.argmax(dim=1).cpu(), values.shape[1]).to(device) if one_hot else None
     width = blocks.columns.numel() if blocks is not None else keys.shape[0]
     rows = max(1, chunk_bytes // max(3 * 4 * width, 1))  # affinity, running exponential, step factor
     steps = torch.tensor(betas, dtype=torch.float64).diff()
