@@ -97,6 +97,9 @@ def test_coop_parameter_counts(tiny_backbone) -> None:
     csc = _method("coop", tiny_backbone, _info(), "coop.csc=true")
     assert csc.num_trainable() == len(NAMES) * 16 * tiny_backbone.text_width
     assert csc.prompt_learner.prompts(csc.prompt_learner.ctx).shape[0] == len(NAMES)
+    # the released PromptLearner: ctx_init builds one shared context whatever CSC says
+    shared = _method("coop", tiny_backbone, _info(), "coop.csc=true", "coop.ctx_init=a photo of a")
+    assert shared.num_trainable() == 4 * tiny_backbone.text_width and not shared.prompt_learner.csc
 
 
 def test_cocoop_meta_net_shapes_and_per_image_bias(tiny_backbone) -> None:
@@ -154,7 +157,9 @@ def test_base_classes_train_only_base_prompts(tiny_backbone, name: str) -> None:
 
 
 def test_coop_epochs_rule() -> None:
-    assert [coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 50, 100, 100, 200]
+    # CoOp's COOP.md: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4 shots, rn50 (200 epochs) for 8 and 16
+    released = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+    assert {k: coop_epochs(k) for k in released} == released
     assert coop_epochs(None) is None
 
 

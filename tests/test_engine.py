@@ -79,6 +79,49 @@ def test_warmup_and_per_step_cosine() -> None:
     assert learning_rate(lin, 1, 0, 10) == pytest.approx(0.05)
 
 
+def _dassl_lrs(epochs: int, lr: float, warmup_lr: float) -> list[float]:
+    """The lr of each epoch under Dassl's ConstantWarmupScheduler(CosineAnnealingLR(T_max=epochs), warmup 1 epoch),
+    transcribed: step() after every epoch; once past warm-up the wrapper hands over to the cosine, which
+    steps from its own epoch 0."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    out, wrapper_epoch = [], 0
+    for _ in range(epochs):
+        out.append(warmup_lr if wrapper_epoch < 1 else opt.param_groups[0]["lr"])
+        opt.step()
+        if wrapper_epoch >= 1:
+            cosine.step()
+        wrapper_epoch += 1
+    return out
+
+
+def test_cosine_span_epochs_is_dassls_schedule() -> None:
+    for epochs in (10, 50):
+        cfg = TrainConfig(epochs=epochs, lr=0.002, warmup_epochs=1, warmup_lr=1e-5, cosine_span="epochs")
+        ours = [learning_rate(cfg, e, 0, 5) for e in range(epochs)]
+        assert ours == pytest.approx(_dassl_lrs(epochs, 0.002, 1e-5), rel=1e-9)
+        # the default spans the epochs after warm-up: the last epoch sits lower than Dassl's
+        default = TrainConfig(epochs=epochs, lr=0.002, warmup_epochs=1, warmup_lr=1e-5)
+        assert learning_rate(default, epochs - 1, 0, 5) < ours[-1]
+    # CoCoOp (10 epochs): 9 % more total lr than the after-warm-up span
+    co = TrainConfig(epochs=10, lr=1.0, warmup_epochs=1, cosine_span="epochs")
+    short = TrainConfig(epochs=10, lr=1.0, warmup_epochs=1)
+    ratio = sum(learning_rate(co, e, 0, 1) for e in range(1, 10)) / sum(learning_rate(short, e, 0, 1) for e in range(1, 10))
+    assert ratio == pytest.approx(1.09, abs=0.01)
+
+
+def test_drop_last_drops_the_partial_batch_as_dassl() -> None:
+    from tailclip.engine.trainer import steps_per_epoch
+
+    order = epoch_order(23, seed=0, epoch=0)
+    plan = plan_epoch(order, 8, 1, 0, 1, drop_last=True)
+    assert [st.global_count for st in plan] == [8, 8] and steps_per_epoch(23, 8, True) == 2
+    assert [int(i) for st in plan for i in st.micro[0].indices] == order[:16].tolist()
+    # fewer images than a batch: Dassl keeps them (drop_last = len(data) >= batch_size)
+    assert [st.global_count for st in plan_epoch(np.arange(5), 8, 1, 0, 1, drop_last=True)] == [5]
+    assert steps_per_epoch(23, 8) == 3
+
+
 def test_plans_cover_every_image_once_for_any_world_size() -> None:
     order = epoch_order(23, seed=3, epoch=2)
     assert sorted(order.tolist()) == list(range(23))

@@ -30,6 +30,7 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 SELECT_ON = ("auto", "val", "none", "paper")
+COSINE_SPANS = ("after_warmup", "epochs")
 MAX_AUTO_WORKERS = 8  # data.num_workers=auto never starts more loader processes than this
 
 
@@ -109,6 +110,13 @@ class TrainConfig:
     sched_unit: str = "epoch"  # epoch: LR changes once an epoch (LIFT); step: every optimizer step
     warmup_type: str = "constant"  # constant: hold warmup_lr (CoOp/Candle); linear: ramp warmup_lr -> lr
     min_lr: float = 0.0  # floor of the cosine
+    # the cosine's length: after_warmup = the epochs (steps) left after warm-up, so the last one reaches min_lr's
+    # neighbourhood; epochs = the whole run, as Dassl's CosineAnnealingLR(T_max=max_epoch) behind a warm-up wrapper
+    # (CoOp, CoCoOp, Candle): the cosine starts after warm-up and stops short of its end
+    cosine_span: str = "after_warmup"
+    # drop the last partial batch of an epoch when the train set holds at least one full batch (Dassl's drop_last
+    # for its train loader: CoOp, CoCoOp, Candle); false keeps every image every epoch
+    drop_last: bool = False
     clip_grad_norm: float | None = None  # max global grad norm (None: no clipping)
     val_every: int = 1  # evaluate the val split (when the dataset has one) every N epochs; 0: never
     resume_every_steps: int = 0  # also write the resume state every N optimizer steps mid-epoch (0: off)
@@ -119,6 +127,7 @@ class TrainConfig:
         check_choice("train.scheduler", self.scheduler, ("cosine", "constant"))
         check_choice("train.sched_unit", self.sched_unit, ("epoch", "step"))
         check_choice("train.warmup_type", self.warmup_type, ("constant", "linear"))
+        check_choice("train.cosine_span", self.cosine_span, COSINE_SPANS)
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.select_on", self.select_on, SELECT_ON)
         for key in ("epochs", "batch_size", "grad_accum"):  # before warmup_epochs, whose bound is epochs

@@ -7,11 +7,14 @@ conventions as the synthetic `synth-b2n` tasks).
 
 * balanced (`<dataset>-b2n`): K = data.shots (default 16) images per base class, val = min(K, 4) per base class
   from the val split (datasets without one, e.g. ImageNet: K more train images per base class, fewshot.py).
-* imbalanced (`<dataset>-b2n-lt`, Candle): base classes ranked by available training images (then label) get
-  n_i = max(int(100 · r^(i/(C_b−1))), 1), r = 1/data.imbalance_ratio (default 10; ImageNet 100), capped by
-  data.shots when set; val = 4 per base class (from the val split, else from the train images left over).
-  Images are the first n_i of each class's seeded order, so the draws of different ratios are nested.
-  data.seed picks the images (seeds 1/2/3 in the paper).
+* imbalanced (`<dataset>-b2n-lt`, Candle): the released rule (`b2n_lt_counts`): each base class is first capped at
+  data.shots images (default 100, the released SHOTS), then classes ranked by their capped count (ties in the order
+  their labels first appear in the train list: on ImageNet, where every class reaches the cap, list order) get
+  n_i = int(max(n_max · r^(i/(C_b−1)), 1)) with n_max the largest capped count and r = 1/data.imbalance_ratio
+  (default 10; ImageNet 100), never more than the class holds; val = 4 per base class (from the val split, else
+  from the train images left over). Images are the first n_i of each class's seeded order (tailclip's generator,
+  not the released `random.sample` + `np.random.shuffle`: same counts, other images), so the draws of different
+  ratios are nested. data.seed picks the images (seeds 1/2/3 in the paper).
 * cross-dataset (`imagenet-xd-<target>`, Candle): every ImageNet class is a base class, drawn long-tailed as above
   (IR 100, 100-shot cap); the target dataset's classes are appended as new classes and scored on the target's
   test images among the target's classes (`test_new`); `test_base` is ImageNet's test split. `synth-xd` is the
@@ -46,15 +49,32 @@ def base_new_classes(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n_base), np.arange(n_base, num_classes)
 
 
-def b2n_lt_counts(available: np.ndarray, ratio: float, n_max: int = LT_NMAX) -> np.ndarray:
-    """Per base class n_i = max(int(n_max · (1/ratio)^(rank/(C_b−1))), 1), ranked by available count then label."""
-    available = np.asarray(available, dtype=np.int64)
-    n_base = len(available)
-    ranking = np.lexsort((np.arange(n_base), -available))  # most images first, ties by label
-    counts = np.zeros(n_base, dtype=np.int64)
+def first_seen_order(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """`classes` sorted by where each first appears in `labels` (the split list's order; absent classes last)."""
+    labels = np.asarray(labels)
+    first = np.full(len(classes), len(labels), dtype=np.int64)
+    for i, c in enumerate(classes):
+        hits = np.flatnonzero(labels == c)
+        if len(hits):
+            first[i] = hits[0]
+    return np.asarray(classes)[np.argsort(first, kind="stable")]
+
+
+def b2n_lt_counts(available: np.ndarray, ratio: float, cap: int = LT_NMAX,
+                  list_order: np.ndarray | None = None) -> np.ndarray:
+    """Candle's imbalanced draw (released `OxfordPets.gen_imbalanced_data` after Dassl's few-shot cap): each class
+    keeps c_i = min(available_i, cap) images; classes ranked by c_i (most first), ties in `list_order` (the order
+    labels first appear in the train list; default: label order), get the quota
+    q = int(max(n_max · (1/ratio)^(rank/(C−1)), 1)) with n_max the largest c_i, and keep min(q, c_i)."""
+    capped = np.minimum(np.asarray(available, dtype=np.int64), cap)
+    n = len(capped)
+    order = np.arange(n) if list_order is None else np.asarray(list_order, dtype=np.int64)
+    ranking = order[np.argsort(-capped[order], kind="stable")]  # Counter.most_common: stable, by count
+    n_max = int(capped.max()) if n else 0
+    quota = np.zeros(n, dtype=np.int64)
     for rank, c in enumerate(ranking):
-        counts[c] = max(int(n_max * (1.0 / ratio) ** (rank / max(n_base - 1, 1))), 1)
-    return counts
+        quota[c] = int(max(n_max * (1.0 / ratio) ** (rank / max(n - 1.0, 1.0)), 1))
+    return np.minimum(quota, capped)
 
 
 def make_base_to_new(task: Task, cfg: DataConfig, imbalanced: bool = False, dataset: str = "") -> Task:
@@ -80,7 +100,8 @@ def make_cross_dataset(source: Task, target: Task, cfg: DataConfig, dataset: str
     target's classes only (`test_new`); `test_base` is the source's test split among the source's classes.
 
     The class list is source names + target names; every class is prompted with the source's templates (a task
-    has one template set), where the released code prompts the target with its own dataset's templates."""
+    has one template set), as the released code does: its cross-dataset runs prompt ImageNet's and every target's
+    classes with ImageNet's "a photo of a {}." (`data.templates=photo` in the presets)."""
     _require(source, ("train", "test"), "cross-dataset (source)")
     _require(target, ("test",), "cross-dataset (target)")
     c_src, c_tgt = source.num_classes, target.num_classes
@@ -119,12 +140,12 @@ def _draw_train_val(task: Task, base: np.ndarray, cfg: DataConfig, imbalanced: b
     if imbalanced:
         ratio = float(cfg.imbalance_ratio or DEFAULT_RATIO.get(dataset, 10.0))
         available = np.bincount(train.labels, minlength=task.num_classes)[base]
-        counts = b2n_lt_counts(available, ratio)
-        if cfg.shots is not None:
-            counts = np.minimum(counts, cfg.shots)
+        cap = int(cfg.shots or LT_NMAX)
+        counts = b2n_lt_counts(available, ratio, cap, first_seen_order(train.labels, base))
         n_train = {int(c): int(n) for c, n in zip(base, counts)}
         k_val = FEWSHOT_VAL_MAX
-        meta.update(imbalance_ratio=ratio, n_max=LT_NMAX, counts=counts.tolist())
+        meta.update(imbalance_ratio=ratio, cap=cap, n_max=int(counts.max()) if len(counts) else 0,
+                    counts=counts.tolist())
     else:
         k = int(cfg.shots or DEFAULT_SHOTS)
         n_train, k_val = k, fewshot_val_shots(k, source)

@@ -17,7 +17,9 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int)
 
     sched_unit=epoch: constant within an epoch, cosine over epochs like torch's CosineAnnealingLR stepped per
     epoch (LIFT); sched_unit=step: cosine over every optimizer step. Warm-up (warmup_epochs > 0) holds
-    warmup_lr (constant, CoOp/Candle) or ramps warmup_lr -> lr (linear); the cosine then spans the rest."""
+    warmup_lr (constant, CoOp/Candle) or ramps warmup_lr -> lr (linear); the cosine then spans the rest
+    (cosine_span=after_warmup) or as many epochs as the whole run (cosine_span=epochs: Dassl's
+    CosineAnnealingLR(T_max=max_epoch) started after its warm-up wrapper, so the last epoch stops short of 0)."""
     total_epochs = cfg.epochs
     warm = min(cfg.warmup_epochs, total_epochs)
     if cfg.sched_unit == "epoch":
@@ -31,5 +33,5 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int)
         return cfg.warmup_lr
     if cfg.scheduler == "constant":
         return cfg.lr
-    span = max(t_total - t_warm, 1.0)
+    span = max(t_total - t_warm if cfg.cosine_span == "after_warmup" else t_total, 1.0)
     return _cosine(cfg.lr, cfg.min_lr, (t_now - t_warm) / span)

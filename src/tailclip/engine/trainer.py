@@ -96,11 +96,21 @@ class StepPlan:
     global_count: int  # images in this optimizer step over all ranks
 
 
-def plan_epoch(order: np.ndarray, batch_size: int, grad_accum: int, rank: int, world: int) -> list[StepPlan]:
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimizer steps of an epoch over n samples: every sample (the last batch partial), or with drop_last only
+    full batches once n holds one (Dassl: `drop_last = is_train and len(data) >= batch_size`)."""
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return math.ceil(n / batch_size)
+
+
+def plan_epoch(order: np.ndarray, batch_size: int, grad_accum: int, rank: int, world: int,
+               drop_last: bool = False) -> list[StepPlan]:
     """Split an epoch's order into global batches, each into this rank's share, each into micro-batches.
-    The last global batch may be partial (no image is dropped); empty shares become zero-weight passes."""
+    The last global batch may be partial (no image is dropped unless `drop_last`, see steps_per_epoch); empty
+    shares become zero-weight passes."""
     steps = []
-    for start in range(0, len(order), batch_size):
+    for start in range(0, steps_per_epoch(len(order), batch_size, drop_last) * batch_size, batch_size):
         gb = order[start : start + batch_size]
         mine = distributed.shard(gb, rank, world)
         micro = []
@@ -346,7 +356,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else ImageBatches(method, ctx, cfg)
     )
     n = len(source)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    n_steps = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
     fingerprint = resume_fingerprint(ctx.cfg)
 
     optimizer = build_optimizer(method, cfg)
@@ -403,7 +413,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
     log.info(
         "training %d trainable parameters on %d %s: %d epochs x %d steps, global batch %d (%d process(es), "
         "grad_accum %d), %s, %s; selection: %s", method.num_trainable(), n,
-        "cached feature rows" if method.inputs == "features" else "images", cfg.epochs, steps_per_epoch,
+        "cached feature rows" if method.inputs == "features" else "images", cfg.epochs, n_steps,
         cfg.batch_size, world, cfg.grad_accum, cfg.optimizer, cfg.precision,
         f"best of {' and '.join(selection.among)} on {selection.split}" if selection.split else "last epoch",
     )
@@ -412,17 +422,18 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         for epoch in range(start_epoch, cfg.epochs):
             method.on_epoch_start(epoch, cfg.epochs)
             _set_train_mode(method)
-            plan = plan_epoch(epoch_order(n, cfg.seed, epoch), cfg.batch_size, cfg.grad_accum, rank, world)
+            plan = plan_epoch(epoch_order(n, cfg.seed, epoch), cfg.batch_size, cfg.grad_accum, rank, world,
+                              cfg.drop_last)
             first = start_step if epoch == start_epoch else 0
             if first == 0:
                 totals.zero()
             batches = source.epoch(epoch, plan[first:])
             t0, seen = time.perf_counter(), 0
-            lr = learning_rate(cfg, epoch, first, steps_per_epoch)
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+            lr = learning_rate(cfg, epoch, first, n_steps)
+            bar = tqdm(total=n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                        leave=False, dynamic_ncols=True, disable=None if main else True)
-            for step in range(first, steps_per_epoch):
-                lr = learning_rate(cfg, epoch, step, steps_per_epoch)
+            for step in range(first, n_steps):
+                lr = learning_rate(cfg, epoch, step, n_steps)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 st = plan[step]
@@ -445,12 +456,12 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
                 global_step += 1
                 method.after_step(global_step)
                 bar.update(1)
-                if main and not bar.disable and (bar.n % 10 == 0 or step == steps_per_epoch - 1):
+                if main and not bar.disable and (bar.n % 10 == 0 or step == n_steps - 1):
                     rate = seen * world / max(time.perf_counter() - t0, 1e-9)
                     running = float(totals.base[0]) / max(float(totals.base[2]), 1.0)
                     bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", per_s=f"{rate:.1f}")
                 tb.scalar("train/lr", lr, global_step)
-                if step < steps_per_epoch - 1 and _should_save(cfg, global_step, last_save, world):
+                if step < n_steps - 1 and _should_save(cfg, global_step, last_save, world):
                     save_resume_state(ctx.run_dir, resume_state(epoch, step + 1))
                     last_save = time.monotonic()
                 if kill_after and global_step == kill_after:

@@ -46,10 +46,11 @@ POSITIONS = ("end", "middle", "front")
 
 
 def coop_epochs(shots: int | None) -> int | None:
-    """CoOp's scripts: 50 epochs at 1-2 shots, 100 at 4-8, 200 at 16 (and beyond); None: not a K-shot task."""
+    """CoOp's scripts (COOP.md: rn50_ep50 at 1 shot, rn50_ep100 at 2 and 4, rn50 (200 epochs) at 8 and 16);
+    None: not a K-shot task."""
     if shots is None:
         return None
-    return 50 if shots <= 2 else 100 if shots <= 8 else 200
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
 @dataclass
@@ -57,7 +58,8 @@ class CoOpConfig:
     n_ctx: int = 16  # context vectors M (ignored when ctx_init is set: M = its token count)
     ctx_init: str = ""  # "" : N(0, init_std) init; else the embeddings of these words ("a photo of a": M = 4)
     init_std: float = 0.02
-    csc: bool = False  # class-specific context (one set of M vectors per class)
+    csc: bool = False  # class-specific context (one set of M vectors per class); with ctx_init: one shared set,
+    # as the released PromptLearner (its ctx_init branch never reads CSC)
     class_token_position: str = "end"  # end | middle | front
     loss: str = "ce"  # a registered loss (GLA's source_prior=auto reads it)
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
@@ -112,7 +114,10 @@ class PromptLearner(nn.Module):
                 ids = backbone.tokenize([ctx_init.replace("_", " ")])
                 n_ctx = int(backbone.eot_positions(ids)[0]) - 1
                 init = backbone.token_embedding(ids)[0, 1 : 1 + n_ctx].float().cpu()
-                ctx = init.expand(len(classnames), -1, -1).clone() if csc else init.clone()
+                ctx = init.clone()  # shared even with csc: the released ctx_init branch ignores CSC
+                if csc:
+                    log.warning("coop: csc=true with ctx_init=%r trains one shared context, as the released code",
+                                ctx_init)
             else:
                 shape = (len(classnames), n_ctx, width) if csc else (n_ctx, width)
                 ctx = torch.randn(shape) * init_std
@@ -123,7 +128,7 @@ class PromptLearner(nn.Module):
             emb = backbone.token_embedding(ids[:, :length]).float()
             name_ids = backbone.tokenize(names)
             name_lens = (backbone.eot_positions(name_ids) - 1).tolist()
-        self.n_ctx, self.csc, self.position = n_ctx, csc, position
+        self.n_ctx, self.csc, self.position = n_ctx, csc and not ctx_init, position
         self.ctx = nn.Parameter(ctx)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)
@@ -232,7 +237,7 @@ class CoOp(_PromptMethod):
         return Output(logits, loss)
 
     def extra_results(self) -> dict[str, Any]:
-        return {"coop": {"n_ctx": self.prompt_learner.n_ctx, "csc": self.cfg.csc, "ctx_init": self.cfg.ctx_init,
+        return {"coop": {"n_ctx": self.prompt_learner.n_ctx, "csc": self.prompt_learner.csc, "ctx_init": self.cfg.ctx_init,
                          "class_token_position": self.cfg.class_token_position,
                          "trained_classes": len(self.train_classes)}}
 
