@@ -56,8 +56,10 @@ def test_prototypes_and_virtual_init(tiny_backbone) -> None:
     m = _model(tiny_backbone)
     torch.testing.assert_close(m.base_prototypes, torch.stack([feats[:5].mean(0), feats[5:8].mean(0),
                                                                feats[8:].mean(0)]))
-    text = tiny_backbone.text_classifier(NAMES, ["a photo of a {}."]).float()
-    torch.testing.assert_close(m.virtual_prototypes.data, text[3:])  # text init: the new classes' text features
+    # text init: the new classes' raw encode_text features, as the released code (not unit-normalised)
+    text = tiny_backbone.encode_text([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]).float()
+    torch.testing.assert_close(m.virtual_prototypes.data, text[3:])
+    assert not torch.allclose(text.norm(dim=-1), torch.ones(len(NAMES)))
     p = m.prototypes()
     torch.testing.assert_close(p[:3], m.base_prototypes)
     torch.testing.assert_close(p[3:], text[3:])
@@ -67,14 +69,34 @@ def test_prototypes_and_virtual_init(tiny_backbone) -> None:
     assert v.num_trainable() == 2 * 32 * 32 + 3 * 32 + sum(p.numel() for p in v.fusion.parameters())
 
 
+def released_mask(n_img: int, n_cls: int, mask: str) -> torch.Tensor:
+    """Candle's released mask over [images; prototypes; texts], transcribed (True = may not attend): in_visual
+    blocks the image+prototype block and unblocks its diagonal; in_text blocks the text block, then its loop
+    "unblocks" mask[B + i, B + i] for i < n_cls, prototype rows that were never blocked; between blocks both
+    cross blocks."""
+    n = n_img + 2 * n_cls
+    m = torch.zeros(n, n, dtype=torch.bool)
+    v = n_img + n_cls
+    if mask == "in_visual":
+        m[:v, :v] = True
+        for i in range(v):
+            m[i, i] = False
+    elif mask == "in_text":
+        m[v:, v:] = True
+        for i in range(n_cls):
+            m[n_img + i, n_img + i] = False
+    else:
+        m[:v, v:] = True
+        m[v:, :v] = True
+    return m
+
+
 @pytest.mark.parametrize("mask", ["in_visual", "in_text", "between"])
 def test_masked_pairs_get_zero_attention(mask: str) -> None:
     kinds = torch.tensor([IMAGE, IMAGE, PROTO, PROTO, TEXT, TEXT])
     blocked = attention_mask(kinds, mask)
-    visual = kinds != TEXT
-    expect = {"in_visual": visual[:, None] & visual[None], "in_text": ~visual[:, None] & ~visual[None],
-              "between": visual[:, None] != visual[None]}[mask] & ~torch.eye(6, dtype=torch.bool)
-    assert torch.equal(blocked, expect)
+    assert torch.equal(blocked, released_mask(2, 2, mask))
+    assert blocked[4, 4] == (mask == "in_text")  # in_text: a text token does not attend to itself
     attn = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
     z = torch.randn(1, 6, 8)
     _, w = attn(z, z, z, attn_mask=blocked, average_attn_weights=False)
@@ -152,3 +174,30 @@ def test_training_loss_treats_prototypes_as_samples(tiny_backbone) -> None:
     torch.testing.assert_close(out.logits, (vt + vv)[:4])
     out.loss.backward()
     assert m.virtual_prototypes.grad.abs().sum() > 0 and m.proj_text.grad.abs().sum() > 0
+
+
+def test_transductive_predicts_in_the_released_batch_of_100(tiny_backbone, monkeypatch) -> None:
+    """The released test loader feeds 100 images at a time; transductive predictions depend on that batch, so
+    candle.transductive predicts in candle.transductive_batch chunks whatever eval.batch_size is."""
+    from pathlib import Path
+
+    from tailclip.config import load_config
+    from tailclip.methods.base import FitContext, Method
+
+    seen: list[int] = []
+    monkeypatch.setattr(Method, "predict", lambda self, ctx, split: seen.append(ctx.cfg.eval.batch_size))
+    cfg = load_config(None, ["method=candle", "eval.batch_size=256"])
+    ctx = FitContext(cfg, None, Path("."), torch.device("cpu"))  # type: ignore[arg-type]
+    _model(tiny_backbone, transductive=True).predict(ctx, "test")
+    _model(tiny_backbone).predict(ctx, "test")
+    assert seen == [100, 256]
+    assert _model(tiny_backbone, transductive=True).protocol() == {"prediction": "transductive(batch 100)"}
+    assert _model(tiny_backbone).protocol() == {}
+    # and a transductive batch of 100 gives other logits than one of 256 (the reason it is fixed)
+    m = _model(tiny_backbone, transductive=True)
+    _perturb(m)
+    x = torch.randn(256, tiny_backbone.embed_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = m({"proj": x}).logits
+        chunks = torch.cat([m({"proj": x[i:i + 100]}).logits for i in range(0, 256, 100)])
+    assert not torch.allclose(whole, chunks, atol=1e-4)

@@ -19,7 +19,7 @@ from .config import RunConfig, load_config  # (re-exported: configs loaded throu
 from .data.base import Task
 from .engine import distributed
 from .engine.checkpoint import META, load_checkpoint, read_meta, save_checkpoint, task_info
-from .engine.evaluate import in_label_space, resolve_device
+from .engine.evaluate import in_label_space, label_space, resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir, logits_file
 from .errors import DataError, TailclipError
@@ -56,15 +56,38 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 def restrict_to_label_space(
-    task: Task, split: str, preds: Predictions, counts: np.ndarray | None
+    task: Task, split: str, preds: Predictions, counts: np.ndarray | None, base_scoring: str = "base"
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
     """Base-to-new protocol: logits, labels and class counts of a split within its own label space
     (`engine.evaluate.in_label_space`); other splits pass through unchanged."""
-    space = task.meta.get("label_spaces", {}).get(split)
-    scored = in_label_space(task, split, preds)
+    space = label_space(task, split, base_scoring)
+    scored = in_label_space(task, split, preds, base_scoring)
     if space is None or counts is None:
         return scored.logits, scored.labels, counts
     return scored.logits, scored.labels, np.asarray(counts)[np.asarray(space)]
+
+
+# tailclip's default of every engine-level protocol choice; a run's results.json lists the ones it changed
+PROTOCOL_DEFAULTS: dict[str, Any] = {"select_on": "auto", "cosine_span": "after_warmup", "drop_last": False,
+                                     "precision": "fp32", "base_scoring": "base"}
+
+
+def protocol_record(method: Method, ctx: FitContext) -> dict[str, Any]:
+    """Every protocol choice that moves a paper's number (selection, schedule details, precision, the scoring of
+    base test images, the method's own named protocols) and `differs`: the "key=value" list of those that are not
+    tailclip's defaults ("" when none), which `tailclip report` shows."""
+    choices: dict[str, Any] = {}
+    if method.num_trainable() > 0:
+        train = method.train_config(ctx.cfg.train)
+        choices.update(select_on=train.select_on, cosine_span=train.cosine_span, drop_last=train.drop_last,
+                       precision=train.precision)
+    if "test_base" in ctx.task.meta.get("label_spaces", {}):
+        choices["base_scoring"] = ctx.cfg.eval.base_scoring
+    own = {f"{method.name}.{k}": v for k, v in method.protocol().items()}
+    differs = [f"{k}={v}" for k, v in choices.items() if v != PROTOCOL_DEFAULTS[k]
+               and not (k == "precision" and v in ("amp", "amp_bf16"))]
+    differs += [f"{k}={v}" for k, v in own.items()]
+    return {**choices, **own, "differs": ", ".join(differs)}
 
 
 def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
@@ -89,7 +112,8 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
             continue
         preds = method.predict(ctx, split)
         save_predictions(ctx.run_dir / logits_file(split), preds)
-        logits, labels, split_counts = restrict_to_label_space(ctx.task, split, preds, counts)
+        logits, labels, split_counts = restrict_to_label_space(ctx.task, split, preds, counts,
+                                                               ctx.cfg.eval.base_scoring)
         metrics = classification_metrics(logits, labels, split_counts)
         metrics["skipped_images"] = preds.skipped
         results["splits"][split] = metrics
@@ -101,6 +125,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
     results.update(method.results())  # training summary, selection record, then extra_results()
+    results["protocol"] = protocol_record(method, ctx)
     return results
 
 

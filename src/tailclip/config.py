@@ -31,6 +31,7 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 SELECT_ON = ("auto", "val", "none", "paper")
 COSINE_SPANS = ("after_warmup", "epochs")
+BASE_SCORING = ("base", "all")
 MAX_AUTO_WORKERS = 8  # data.num_workers=auto never starts more loader processes than this
 
 
@@ -146,9 +147,14 @@ class EvalConfig:
     precision: str = "fp32"
     splits: list[str] = field(default_factory=lambda: ["test"])
     plots: bool = True  # write RUN_DIR/plots (matplotlib, when installed) once the run is evaluated
+    # base-to-new: which classes a base test image (test_base) is scored among. base = the base classes only
+    # (CoCoOp's protocol); all = every class, base and new (Candle's released evaluation: a base image predicted as
+    # a new class is an error). New test images are always scored among the new classes.
+    base_scoring: str = "base"
 
     def __post_init__(self) -> None:
         check_choice("eval.tte", self.tte, ("none", "five_crop", "ten_crop"))
+        check_choice("eval.base_scoring", self.base_scoring, BASE_SCORING)
         check_choice("eval.precision", self.precision, PRECISIONS)
         for split in self.splits:
             check_choice("eval.splits", split, ("train", "val", "test", "test_base", "test_new"))

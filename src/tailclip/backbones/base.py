@@ -213,13 +213,19 @@ class Backbone(nn.Module, ABC):
         return self
 
     @torch.no_grad()
-    def text_classifier(self, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
-        """(C, D) prompt-ensemble weights: per class, normalise each template's feature, average, normalise."""
+    def text_classifier(self, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256,
+                        normalize: bool = True) -> Tensor:
+        """(C, D) prompt-ensemble weights: per class, normalise each template's feature, average, normalise.
+        normalize=False: the mean of the raw `encode_text` features (one template: exactly its raw feature, what
+        Candle's released code feeds its prototypes)."""
         weights = []
         for name in classnames:
             name = name.replace("_", " ")
             prompts = [t.format(name) for t in templates]
             feats = torch.cat([self.encode_text(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+            if not normalize:
+                weights.append(feats.mean(dim=0))
+                continue
             feats = feats / feats.norm(dim=-1, keepdim=True)
             mean = feats.mean(dim=0)
             weights.append(mean / mean.norm())

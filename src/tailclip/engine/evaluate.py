@@ -37,10 +37,19 @@ class Predictions:
     heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
 
 
-def in_label_space(task: Any, split: str, preds: Predictions) -> Predictions:
-    """Base-to-new protocol: a split's images scored among its own classes only (task.meta["label_spaces"][split];
-    base images among base classes, new among new), columns and labels renumbered; other splits unchanged."""
-    space = task.meta.get("label_spaces", {}).get(split)
+def label_space(task: Any, split: str, base_scoring: str = "base") -> list[int] | None:
+    """The classes a split's images are scored among (task.meta["label_spaces"]); None: every class. With
+    base_scoring="all" (Candle's released evaluation) base test images are scored among every class."""
+    if split == "test_base" and base_scoring == "all":
+        return None
+    return task.meta.get("label_spaces", {}).get(split)
+
+
+def in_label_space(task: Any, split: str, preds: Predictions, base_scoring: str = "base") -> Predictions:
+    """Base-to-new protocol: a split's images scored among its own classes only (`label_space`: base images among
+    base classes, or all classes with base_scoring="all"; new among new), columns and labels renumbered; other
+    splits unchanged."""
+    space = label_space(task, split, base_scoring)
     if space is None:
         return preds
     cols = torch.as_tensor(space, dtype=torch.long)

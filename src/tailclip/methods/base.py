@@ -201,6 +201,12 @@ class Method(nn.Module, ABC):
         """Method-specific entries merged into results.json (chosen hyper-parameters ...)."""
         return {}
 
+    def protocol(self) -> dict[str, Any]:
+        """The method's named protocol choices in force that differ from tailclip's defaults (a released
+        evaluation, a test-set choice ...), recorded in results.json's "protocol" and shown by `tailclip report`.
+        Default: none."""
+        return {}
+
     # --- shared helpers --------------------------------------------------------------------------
     def encode(self, inputs: Inputs) -> dict[str, Tensor]:
         """Named features of a batch: cached features pass through; images run the (frozen or tuned) backbone,

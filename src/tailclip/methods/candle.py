@@ -19,12 +19,21 @@ on the image key is sigmoid(score - logsumexp(shared scores)); exact, without B 
 Prototypes as training samples use the image-free set [P; T]. With attention dropout in training, the shared
 part's dropout mask is shared by the images of a step. `transductive=true` is the released code: one token set
 [X_batch; P; T] per batch, in training and at test (test predictions then depend on the test batch: reported in
-results.json). Masks (released options): in_visual blocks visual-visual pairs (images, prototypes) except a
-token with itself; in_text blocks text-text pairs except self; between blocks visual-text pairs both ways.
+results.json), in eval batches of candle.transductive_batch images (100: the released DATALOADER.TEST.BATCH_SIZE),
+so its numbers match the released ones whatever eval.batch_size is. Masks (released options): in_visual blocks
+visual-visual pairs (images, prototypes) except a token with itself; in_text blocks every text-text pair, a text
+token with itself included (the released loop meant to unblock the diagonal indexes prototype rows); between
+blocks visual-text pairs both ways.
+
+Text features are the raw (un-normalised) `encode_text` outputs as in the released code (`candle.text_features=raw`;
+with several templates, their mean): they initialise the virtual prototypes and are the text tokens; image
+features and base prototypes are raw too; only the logits normalise. The released protocol, its named options and
+every deliberate difference: docs/methods/candle.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -40,8 +49,7 @@ from ..data.base import TaskInfo
 from ..errors import DataError
 from ..features import AugSpec, method_features
 from ..losses import build_loss
-from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
-from .zeroshot import zeroshot_weights
+from .base import FeatureSpec, FitContext, Inputs, Method, Output, Predictions, register_method
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +69,15 @@ class CandleConfig:
     transductive: bool = False  # the released cross-batch attention (test predictions depend on the batch)
     augment_views: int = 10  # K augmented train views cached once (0: train on the eval view)
     inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
+    transductive_batch: int = 100  # transductive: test images attending jointly (the released test batch)
+    text_features: str = "raw"  # raw: encode_text outputs as released | normalized: the unit prompt ensemble
     logit_scale: float | None = None  # None: the backbone's (100 for OpenAI CLIP)
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("candle.mask", self.mask, MASKS)
+        check_choice("candle.text_features", self.text_features, ("raw", "normalized"))
+        check_range("candle.transductive_batch", self.transductive_batch, 1)
         check_choice("candle.inputs", self.inputs, ("features", "images"))
         check_choice("candle.virtual_init", self.virtual_init, ("text", "visual"))
         check_range("candle.attn_dropout", self.attn_dropout, 0.0, 1.0)
@@ -79,12 +91,9 @@ def attention_mask(kinds: Tensor, mask: str) -> Tensor | None:
         return None
     visual = kinds != TEXT
     q, k = visual[:, None], visual[None, :]
-    if mask == "in_visual":
-        blocked = q & k
-    elif mask == "in_text":
-        blocked = ~q & ~k
-    else:  # between
-        blocked = q ^ k
+    if mask == "in_text":  # the released mask blocks text-text pairs, the diagonal included
+        return ~q & ~k
+    blocked = q & k if mask == "in_visual" else q ^ k  # between: never on the diagonal
     return blocked & ~torch.eye(len(kinds), dtype=torch.bool, device=kinds.device)
 
 
@@ -176,7 +185,8 @@ class Candle(Method):
         new = torch.as_tensor([i for i in range(c) if i not in set(base.tolist())], dtype=torch.long)
         self.register_buffer("base_idx", base, persistent=False)
         self.register_buffer("new_idx", new, persistent=False)
-        text = zeroshot_weights(backbone, info).float()
+        text = backbone.text_classifier(info.classnames, info.templates,
+                                        normalize=cfg.text_features == "normalized").float()
         self.register_buffer("text_features", text)
         self.register_buffer("base_prototypes", torch.zeros(len(base), dim))  # filled by fit from the train cache
         self.proj_image = nn.Parameter(torch.eye(dim))
@@ -255,7 +265,20 @@ class Candle(Method):
                       "virtual_init": self.cfg.virtual_init, "mask": self.cfg.mask}
         super().fit(ctx)
 
+    def predict(self, ctx: FitContext, split: str) -> Predictions:
+        """Transductive mode predicts in batches of candle.transductive_batch images in split order (the released
+        test loader), whatever eval.batch_size says; per-sample mode does not depend on the batch."""
+        if self.cfg.transductive:
+            evalcfg = dataclasses.replace(ctx.cfg.eval, batch_size=self.cfg.transductive_batch)
+            ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, eval=evalcfg))
+        return super().predict(ctx, split)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"prediction": f"transductive(batch {self.cfg.transductive_batch})"} if self.cfg.transductive else {}
+
     def extra_results(self) -> dict[str, Any]:
-        mode = ("transductive: each eval batch of eval.batch_size test images attends jointly (released code); "
-                "predictions depend on the batch") if self.cfg.transductive else "per-sample (non-transductive)"
-        return {"candle": {**self._info, "prediction": mode, "gate": float(self.fusion.gate.detach())}}
+        mode = (f"transductive: each eval batch of {self.cfg.transductive_batch} test images attends jointly "
+                "(released code); predictions depend on the batch") if self.cfg.transductive else \
+            "per-sample (non-transductive)"
+        return {"candle": {**self._info, "prediction": mode, "text_features": self.cfg.text_features,
+                           "gate": float(self.fusion.gate.detach())}}

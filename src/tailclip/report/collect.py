@@ -115,6 +115,7 @@ class Row:
     seeds: int = 1
     paper: PaperMatch | None = None
     runs: list[Run] = field(default_factory=list)  # the run folders behind the row (for plots)
+    protocol: str = ""  # the protocol choices that differ from tailclip's defaults (results.json "protocol")
 
 
 # ---------------------------------------------------------------------------------------------- reading folders
@@ -255,7 +256,15 @@ def _run_row(run: Run) -> Row:
               {k: Stat(v, None, 1) for k, v in run.metrics().items()},
               float(params) if isinstance(params, int | float) else None, run.train_seconds, runs=[run])
     row.paper = match_target(cfg, res, {k: s.mean for k, s in row.stats.items()})
+    row.protocol = protocol_of(res)
     return row
+
+
+def protocol_of(results: dict[str, Any]) -> str:
+    """The protocol choices a run changed from tailclip's defaults ("" for runs written before they were
+    recorded, or with none changed)."""
+    record = results.get("protocol")
+    return str(record.get("differs", "")) if isinstance(record, dict) else ""
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -285,6 +294,7 @@ def _grid_rows(grid: Grid) -> list[Row]:
                   _mean_or_none([r.results.get("trainable_params") for r in cells.values()]),
                   _mean_or_none([r.train_seconds for r in cells.values()]), seeds=len(cells), runs=list(cells.values()))
         row.paper = match_target(first.config, res, {k: s.mean for k, s in stats.items()}, shots=shots)
+        row.protocol = " | ".join(sorted({protocol_of(r.results) for r in cells.values()}))
         rows.append(row)
     return rows
 

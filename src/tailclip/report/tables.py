@@ -81,7 +81,8 @@ def build_table(rows: Sequence[Row], pm: str = " ± ", delta: str = "Δ") -> Tab
         return "" if row.paper is None or row.paper.diff is None else f"{row.paper.diff:+.2f}"
 
     identity = [("method", lambda r: r.method or ""), ("dataset", lambda r: r.dataset or ""),
-                ("model", lambda r: r.model or ""), ("K", lambda r: "" if r.shots is None else str(r.shots))]
+                ("model", lambda r: r.model or ""), ("K", lambda r: "" if r.shots is None else str(r.shots)),
+                ("protocol", lambda r: r.protocol)]
     columns = [Column("run", lambda r: r.label, numeric=False)]
     shared: list[tuple[str, str]] = []
     for name, get in identity:
@@ -151,7 +152,8 @@ def markdown(rows: Sequence[Row], problems: Sequence[Problem], title: str = "tai
 # ---------------------------------------------------------------------------------------------- csv
 CSV_COLUMNS = ("run", "kind", "path", "method", "dataset", "model", "shots", "seeds",
                *[c for k in METRIC_KEYS for c in (k, f"{k}_std")],
-               "trainable_params", "train_seconds", "paper_metric", "paper_value", "paper_diff", "paper_source")
+               "trainable_params", "train_seconds", "paper_metric", "paper_value", "paper_diff", "paper_source",
+               "protocol")
 
 
 def _num(v: float | None) -> str:
@@ -174,7 +176,7 @@ def to_csv(rows: Sequence[Row]) -> str:
         cells += [_num(params), _num(r.train_seconds)]
         m = r.paper
         cells += ["", "", "", ""] if m is None else [m.target.metric, _num(m.value), _num(m.diff), m.target.source]
-        writer.writerow(cells)
+        writer.writerow([*cells, r.protocol])
     return buf.getvalue()
 
 
