@@ -217,4 +217,52 @@ def test_presets_cover_11_datasets_two_towers_and_the_recipe() -> None:
         assert cfg.method == "ldc" and cfg.model.name in ("ViT-B-16@openai", "RN50@openai")
         assert (m.lr, m.weight_decay, m.eps, m.epochs, m.batch_size, m.crop_scale) == (1e-4, 1e-4, 1e-4, 50, 64,
                                                                                       [0.8, 1.0])
-        assert cfg.train.select_on == "auto"
+        assert cfg.train.select_on == "none" and m.report == "beta_search"  # the released protocol by name
+        assert cfg.data.templates == ("imagenet7" if cfg.data.name == "imagenet" else None)
+
+
+def released_search_hp(maf: torch.Tensor, icd: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """LDC's released search_hp, transcribed: beta in [i / 50 for i in range(51)], start (0, 0), keep a beta only
+    when its accuracy is strictly higher."""
+    best_beta, best_acc = 0.0, 0.0
+    for i in range(51):
+        beta = i / 50
+        pred = (beta * maf + (1 - beta) * icd).argmax(dim=1)
+        acc = float((pred == labels).sum()) / len(labels) * 100
+        if acc > best_acc:
+            best_beta, best_acc = beta, acc
+    return best_beta, best_acc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_beta_search_equals_the_released_search(seed: int) -> None:
+    from tailclip.methods.ldc import search_beta
+
+    g = torch.Generator().manual_seed(seed)
+    maf, icd = torch.randn(200, 7, generator=g).round(), torch.randn(200, 7, generator=g)  # rounded: ties
+    labels = torch.randint(0, 7, (200,), generator=g)
+    beta, acc = search_beta(maf, icd, labels)
+    want_beta, want_acc = released_search_hp(maf, icd, labels)
+    assert beta == want_beta and acc == pytest.approx(want_acc, abs=1e-9)
+
+
+def test_beta_search_report_end_to_end(tmp_path: Path) -> None:
+    """ldc.report=beta_search: the last epoch, beta searched on the chosen split, test predicted with the mix,
+    recorded in results.json's ldc entry and protocol; selecting on val is refused."""
+    import json
+
+    from tailclip import api
+
+    cfg = load_config(None, ["method=ldc", "data.name=synth-fewshot", "data.shots=2", "ldc.views=1",
+                             "ldc.epochs=2", "ldc.report=beta_search", "ldc.beta_on=val", "eval.splits=[val,test]",
+                             f"output_dir={tmp_path}", "run_name=b", "eval.plots=false"])
+    res = json.loads((api.run(cfg) / "results.json").read_text())
+    rec = res["ldc"]
+    assert rec["report"] == "beta_search" and rec["beta_split"] == "val" and not rec["beta_on_test"]
+    assert rec["beta"] in [i / 50 for i in range(51)]
+    assert rec["beta_split_top1"] == pytest.approx(res["splits"]["val"]["top1"])  # val predicted with that beta
+    assert res["protocol"]["ldc.report"] == "beta_search(on val)" and res["selection"]["chosen"]["epoch"] == 2
+    bad = load_config(None, ["method=ldc", "data.name=synth-fewshot", "data.shots=2", "ldc.report=beta_search",
+                             "train.select_on=val", f"output_dir={tmp_path}", "run_name=c"])
+    with pytest.raises(ConfigError, match="beta_search keeps the last epoch"):
+        api.run(bad)

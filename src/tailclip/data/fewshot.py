@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Independent random streams for the different draws a seed drives.
 STREAM_TRAIN = 0  # K-shot train images
 STREAM_VAL = 1  # few-shot validation images
+FULL_VAL = "val_full"  # a K-shot task of a dataset with a val split keeps that whole split under this name
 STREAM_LT = 2  # long-tailed selections (CIFAR-100-LT)
 STREAM_HOLDOUT = 3  # hold-out splits of user datasets
 FEWSHOT_VAL_MAX = 4  # few-shot validation from a val split = min(K, 4) images per class (CoOp)
@@ -134,7 +135,8 @@ def apply_shots(task: Task, cfg: DataConfig, indices: Mapping[str, Sequence[int]
     The drawn indices go to `task.meta["shot_indices"]` as positions in the split each was drawn from
     (`meta["val_source"]` names the one val came from); passing them back as `indices` re-applies exactly that
     draw (e.g. from a stored run). Without cfg.shots and indices: unchanged. Test-only tasks (no train split)
-    are returned unchanged: there is nothing to sample. The test split is never touched.
+    are returned unchanged: there is nothing to sample. The test split is never touched. A dataset's own val
+    split is kept whole as `val_full` (FULL_VAL) next to the few-shot `val`: only a named protocol reads it.
     """
     if cfg.shots is None and indices is None:
         return task
@@ -163,6 +165,8 @@ def apply_shots(task: Task, cfg: DataConfig, indices: Mapping[str, Sequence[int]
             train_idx, val_idx = sample_train_val(splits["train"].labels, k, k_val, cfg.seed)
             drawn["train"], drawn["val"] = train_idx.tolist(), val_idx.tolist()
     full_train = task.splits["train"]
+    if source == "val":  # the whole val split stays readable: LDC's released beta search runs on it
+        splits[FULL_VAL] = task.splits["val"]
     for split_name, idx in drawn.items():
         origin = source if split_name == "val" else "train"
         splits[split_name] = (full_train if origin == "train" else task.splits[origin]).subset(idx)

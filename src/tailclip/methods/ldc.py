@@ -25,19 +25,25 @@ seeded random view per sample and epoch. `images` runs the frozen tower on a fre
 code. `auto` (default) takes the cache when the K views' taps fit `ldc.cache_gb` and says why otherwise: ViT-B/16
 taps are 4 x 197 x 768 values per image and view, RN50's 1.5 M, so only small few-shot sets fit.
 
-Selection: on val among epochs, predicting with s_ALF (`ldc.select_heads=true`: also among MAF/ICD/ALF).
-`train.select_on=paper` is the released evaluation: train all epochs, then report the best head on the TEST split.
+Selection and what is reported (docs/methods/ldc.md):
+- default (`ldc.report=alf`): predict with s_ALF, the epoch chosen on the few-shot val (`ldc.select_heads=true`:
+  also among MAF/ICD/ALF);
+- `ldc.report=beta_search`, the released `acc` (the paper's means): train every epoch, keep the last, then predict
+  with beta * s_MAF + (1 - beta) * s_ICD, beta the first best of i/50 (i = 0..50) on `ldc.beta_on` (auto: the
+  dataset's whole val split, `val_full`; on datasets without one, ImageNet, the TEST split, as released, recorded
+  as a test-set choice);
+- `train.select_on=paper`: the last epoch's best head on the TEST split.
 
 Deliberate deviations from the released code: the adapters train in fp32 (the released model converts them to
-fp16 along with CLIP; use train.precision=amp for mixed precision); few-shot draws and seeds follow tailclip's
-protocol (seeds 1/2/3) instead of the released single seed 2024; the released post-hoc search of
-beta * s_MAF + (1 - beta) * s_ICD is not reproduced (s_ALF is the method's prediction)."""
+fp16 along with CLIP: train.precision=fp16_weights reproduces that; train.precision=amp for mixed precision);
+few-shot draws and seeds follow tailclip's protocol (seeds 1/2/3) instead of the released single seed 2024."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +52,7 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone
 from ..config import TrainConfig, check_choice, check_range
 from ..data.base import TaskInfo
+from ..data.fewshot import FULL_VAL
 from ..errors import ConfigError
 from ..features import AugSpec
 from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
@@ -56,6 +63,9 @@ log = logging.getLogger(__name__)
 PAPER = ("released LDC evaluation: train every epoch, then report the best of the MAF / ICD / ALF heads on the "
          "TEST split")
 VARIANTS = ("full", "maf", "icd", "no_alf")
+REPORTS = ("alf", "beta_search")
+BETA_ON = ("auto", "val", "val_full", "test")
+BETA_GRID = tuple(i / 50 for i in range(51))  # the released search_hp grid
 TRAINED_HEADS = {"full": ("maf", "icd", "alf"), "no_alf": ("maf", "icd", "alf"), "maf": ("maf",), "icd": ("icd",)}
 VIT_MAF_HIDDEN = 2048  # the reference's MAF classifier width for ViT towers
 
@@ -75,6 +85,8 @@ class LDCConfig:
     variant: str = "full"  # full | maf | icd | no_alf (ablations)
     lam: float = 1.0  # weight of the L1 terms
     select_heads: bool = False  # also select among MAF/ICD/ALF on val
+    report: str = "alf"  # alf: s_ALF | beta_search: the released beta * s_MAF + (1 - beta) * s_ICD (module doc)
+    beta_on: str = "auto"  # beta_search's split: auto (val_full, else test: released) | val | val_full | test
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
     # the released recipe (the run's train section supplies seed, precision, selection, resume)
     epochs: int = 50
@@ -89,6 +101,10 @@ class LDCConfig:
         check_choice("ldc.per", self.per, ("sample", "epoch"))
         check_choice("ldc.fusion", self.fusion, ("weighted", "learnable"))
         check_choice("ldc.variant", self.variant, VARIANTS)
+        check_choice("ldc.report", self.report, REPORTS)
+        check_choice("ldc.beta_on", self.beta_on, BETA_ON)
+        if self.report == "beta_search" and self.variant not in ("full", "no_alf"):
+            raise ConfigError(f"ldc.report=beta_search mixes s_MAF and s_ICD; ldc.variant={self.variant} lacks one")
         check_choice("ldc.interpolation", self.interpolation, ("bicubic", "bilinear"))
         check_range("ldc.views", self.views, 1)
         check_range("ldc.epochs", self.epochs, 1)
@@ -201,6 +217,9 @@ class LDC(Method):
             dims = (4 * w, 8 * w, 16 * w, 32 * w)
         self.head = LDCHead(arch, dims, backbone.embed_dim, info.num_classes, cfg.fusion, cfg.variant)
         self.register_buffer("fusion_weights", torch.tensor(cfg.fusion_weights, dtype=torch.float32))
+        # beta of the released report (ldc.report=beta_search), set after training; -1: not searched yet
+        self.register_buffer("report_beta", torch.tensor(-1.0))
+        self._beta_record: dict[str, Any] = {}
         if cfg.select_heads and len(self.eval_heads()) > 1:
             self.select_among = ("epochs", "heads")
 
@@ -237,9 +256,31 @@ class LDC(Method):
         return TRAINED_HEADS[self.cfg.variant] if len(TRAINED_HEADS[self.cfg.variant]) > 1 else ()
 
     def fit(self, ctx: FitContext) -> None:
-        if ctx.cfg.train.select_on == "paper":
+        if self.cfg.report == "beta_search":
+            if ctx.cfg.train.select_on in ("val", "paper"):
+                raise ConfigError(f"ldc.report=beta_search keeps the last epoch as the released code; "
+                                  f"train.select_on={ctx.cfg.train.select_on} would select another (use none)")
+            self.select_among = ()  # the last epoch
+        elif ctx.cfg.train.select_on == "paper":
             self.select_among = ("heads",)  # the released code: the last epoch, its best head on test
         super().fit(ctx)
+        if self.cfg.report == "beta_search":
+            self.search_report_beta(ctx)
+
+    def search_report_beta(self, ctx: FitContext) -> None:
+        """The released report: beta of beta * s_MAF + (1 - beta) * s_ICD searched on `ldc.beta_on`."""
+        split = self.cfg.beta_on
+        if split == "auto":
+            split = FULL_VAL if FULL_VAL in ctx.task.splits else "test"
+        on_test = split.startswith("test")
+        task = ctx.task.unguarded() if on_test else ctx.task
+        if split not in task.splits:
+            raise ConfigError(f"ldc.beta_on={split}: {task.name} has no {split} split; it has {', '.join(task.splits)}")
+        preds = self.predict(dataclasses.replace(ctx, task=task), split)
+        beta, acc = search_beta(preds.heads["maf"], preds.heads["icd"], preds.labels)
+        self.report_beta.fill_(beta)
+        self._beta_record = {"beta": beta, "beta_split": split, "beta_split_top1": acc, "beta_on_test": on_test}
+        log.info("ldc: beta %.2f (top1 %.2f on %s%s)", beta, acc, split, ", the TEST split as released" * on_test)
 
     # ------------------------------------------------------------------ the model
     def fused_feature(self, feats: dict[str, Tensor]) -> Tensor:
@@ -279,10 +320,23 @@ class LDC(Method):
             out["alf"] = alpha * out["maf"] + (1 - alpha) * out["icd"]
         return out
 
+    def protocol(self) -> dict[str, Any]:
+        if self.cfg.report != "beta_search":
+            return {}
+        return {"report": f"beta_search(on {self._beta_record.get('beta_split', self.cfg.beta_on)})"}
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"ldc": {"report": self.cfg.report, **self._beta_record}} if self.cfg.report != "alf" else {}
+
     def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
         out = self.all_logits(self.encode(inputs))
         trained = TRAINED_HEADS[self.cfg.variant]
-        logits = out[self.active_head or trained[-1]]
+        if self.report_beta >= 0:
+            beta = float(self.report_beta)
+            out["beta_mix"] = beta * out["maf"] + (1 - beta) * out["icd"]
+            logits = out["beta_mix"]
+        else:
+            logits = out[self.active_head or trained[-1]]
         heads = {k: out[k] for k in self.eval_heads()}
         if labels is None:
             return Output(logits, heads=heads)
@@ -293,6 +347,17 @@ class LDC(Method):
         if "alpha" in out:
             extras["alpha_mean"] = out["alpha"].detach().mean()
         return Output(logits, loss, extras, heads)
+
+
+def search_beta(maf: Tensor, icd: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(beta, top-1 %) of beta * maf + (1 - beta) * icd over BETA_GRID: the first beta with the highest accuracy
+    (the released search keeps a beta only when it is strictly better), raw logits, no softmax."""
+    best_beta, best_correct = 0.0, 0
+    for beta in BETA_GRID:
+        correct = int(((beta * maf + (1 - beta) * icd).argmax(1) == labels).sum())
+        if correct > best_correct:
+            best_beta, best_correct = beta, correct
+    return best_beta, 100.0 * best_correct / max(len(labels), 1)
 
 
 def ldc_loss_terms(out: dict[str, Tensor], labels: Tensor, trained: tuple[str, ...]) -> dict[str, Tensor]:
