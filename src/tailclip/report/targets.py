@@ -94,7 +94,7 @@ TARGETS: tuple[PaperTarget, ...] = (
     # ... and ViT-B/16: the released log's mean of the code's `acc` (beta search; one seed, 2024)
     *(PaperTarget(None, {"top1": v}, "LDC released log (LiShuo1001/LDC, 1_main_experiment_2_few_shot.txt), mean of "
                   "`acc` over 11 datasets, ViT-B/16, seed 2024",
-                  {"method": "ldc", "data.name": AVERAGE_NAME, "model.name": "ViT-B-16@openai", "data.shots": k})
+                  {"method": "ldc", "data.name": AVERAGE_NAME, "model.name": VIT_B16, "data.shots": k})
       for k, v in zip(SHOTS, (72.53, 74.48, 77.39, 80.02, 82.87), strict=True)),
 )
 
