@@ -29,6 +29,9 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
 
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
+# fp16_weights: the released CoOp / CoCoOp / Candle / LDC training, whose CLIP and trainable weights are float16 and
+# updated in float16 without loss scaling (engine/trainer.py); a named option for reproducing their tables
+TRAIN_PRECISIONS = (*PRECISIONS, "fp16_weights")
 SELECT_ON = ("auto", "val", "none", "paper")
 COSINE_SPANS = ("after_warmup", "epochs")
 BASE_SCORING = ("base", "all")
@@ -129,7 +132,7 @@ class TrainConfig:
         check_choice("train.sched_unit", self.sched_unit, ("epoch", "step"))
         check_choice("train.warmup_type", self.warmup_type, ("constant", "linear"))
         check_choice("train.cosine_span", self.cosine_span, COSINE_SPANS)
-        check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.precision", self.precision, TRAIN_PRECISIONS)
         check_choice("train.select_on", self.select_on, SELECT_ON)
         for key in ("epochs", "batch_size", "grad_accum"):  # before warmup_epochs, whose bound is epochs
             if getattr(self, key) < 1:

@@ -73,7 +73,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """fp32: nothing; amp: fp16 on CUDA (bf16 on CPU, which has no fast fp16); amp_bf16: bf16."""
+    """fp32: nothing; amp: fp16 on CUDA (bf16 on CPU, which has no fast fp16); amp_bf16: bf16; fp16_weights
+    (training only): fp16 on every device, as the released fp16 models compute."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=autocast_dtype(device, precision))
@@ -82,6 +83,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype:
     if precision == "fp32":
         return torch.float32
+    if precision == "fp16_weights":
+        return torch.float16
     return torch.bfloat16 if precision == "amp_bf16" or device.type == "cpu" else torch.float16
 
 

@@ -359,9 +359,12 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
     n_steps = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
     fingerprint = resume_fingerprint(ctx.cfg)
 
+    fp16_weights = cfg.precision == "fp16_weights"
+    if fp16_weights:
+        weights_to(method, torch.float16)
     optimizer = build_optimizer(method, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    use_scaler = device.type == "cuda" and autocast_dtype(device, cfg.precision) == torch.float16
+    use_scaler = device.type == "cuda" and autocast_dtype(device, cfg.precision) == torch.float16 and not fp16_weights
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     summary = TrainSummary()
@@ -379,6 +382,7 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         if state.get("finished"):
             log.info("resume: %s holds a finished training run; nothing left to train", resume_path)
             _finish_selection(method, selection, best, summary)
+            weights_to(method, torch.float32)
             return summary
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") and use_scaler:
@@ -482,8 +486,9 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
             row.update({k: v / count for k, v in extras.items()})
             last = epoch == cfg.epochs - 1
             if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last) or (selection.split and last):
-                best = _evaluate_epoch(method, ctx, eval_ctx, selection, has_val, epoch, last, row, best,
-                                       eval_loaders)
+                with autocast(device, cfg.precision) if fp16_weights else contextlib.nullcontext():
+                    best = _evaluate_epoch(method, ctx, eval_ctx, selection, has_val, epoch, last, row, best,
+                                           eval_loaders)
             summary.history.append(row)
             log.info("epoch %d/%d  lr %.3g  %s  (%.1f %s/s)", epoch + 1, cfg.epochs, lr,
                      "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
@@ -505,7 +510,23 @@ def train(method: Method, ctx: FitContext) -> TrainSummary:
         eval_loaders.clear()  # their persistent workers stop
     summary.skipped_train_images = sorted(source.skipped)
     _finish_selection(method, selection, best, summary)
+    weights_to(method, torch.float32)  # fp16_weights: back to fp32 (exact) for evaluation and the checkpoint
     return summary
+
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def weights_to(method: Method, dtype: torch.dtype) -> None:
+    """Store the trainable weights in `dtype`: train.precision=fp16_weights keeps them in float16 while training,
+    as the released fp16 CLIP code (CLIP's convert_weights: every weight but the normalisation layers', which stay
+    float32), so an update smaller than half a float16 step is lost as it is there."""
+    for module in method.modules():
+        if isinstance(module, NORM_LAYERS):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def _evaluate_epoch(
