@@ -176,6 +176,39 @@ def test_cf_loss_on_a_hand_example() -> None:
     assert loss_balances_prior("cf")
 
 
+def test_cf_additive_reading_on_a_hand_example() -> None:
+    """The other reading of eq. 22: Lambda added to the logits, CE(z + log n + Lambda); mu then matters, while the
+    printed (product) reading ignores it."""
+    counts, z, y = [8, 4, 2], [1.0, -0.5, 2.0], 1
+    lam = [0.5 * n**0.5 * 14 / (3 * 2) for n in counts]
+    adj = [zi + math.log(n) + la for zi, n, la in zip(z, counts, lam)]
+    expected = -adj[y] + math.log(sum(math.exp(a) for a in adj))
+    loss = build_loss("cf", counts, mu=0.5, gamma=0.5, reading="additive")
+    assert float(loss(torch.tensor([z]), torch.tensor([y]))) == pytest.approx(expected, rel=1e-6)
+    zt, yt = torch.tensor([z]), torch.tensor([y])
+    for reading, depends in (("product", False), ("additive", True)):
+        a = build_loss("cf", counts, mu=0.5, gamma=0.5, reading=reading)(zt, yt)
+        b = build_loss("cf", counts, mu=1.0, gamma=0.5, reading=reading)(zt, yt)
+        assert (abs(float(a) - float(b)) > 1e-3) == depends
+    cfg = load_config(None, ["method=sage", "sage.cf_reading=additive"]).method_config()
+    assert cfg.loss_options()["reading"] == "additive"
+
+
+def test_fit_starts_as_the_sum_of_the_three_logits(tiny_backbone) -> None:
+    """fit_init = 1 (the reading that keeps FIT on where lambda3 = 1e-7, iNat): z_hat = z + z^v + z^t at init."""
+    torch.manual_seed(4)
+    method = _sage(tiny_backbone, ["sage.lambda1=1e-7", "sage.lambda2=1e-7", "sage.lambda3=1e-7"])
+    try:
+        method.eval()
+        x = torch.randn(2, 3, 32, 32)
+        f = method.features(x)
+        z, z_v, z_t = method.head(f), method.head(method.zero_shot_features(x)), method.zs_logits(f)
+        with torch.no_grad():
+            torch.testing.assert_close(method(x).logits, z + z_v + z_t, rtol=1e-5, atol=1e-4)
+    finally:
+        method.tuner.detach()
+
+
 def test_cf_with_constant_lambda_is_la() -> None:
     """gamma = 0 makes Lambda the same for every class: CF is then LA (tau = 1), values and gradients."""
     counts = [50, 20, 5, 1]
@@ -262,7 +295,7 @@ def test_fit_uses_the_same_crop_and_the_weighted_sum(tiny_backbone, monkeypatch:
 
 def test_fit_with_zero_scales_and_weights_is_the_plain_logit(tiny_backbone) -> None:
     torch.manual_seed(3)
-    with_fit = _sage(tiny_backbone, ["sage.lambda1=0", "sage.lambda2=0", "sage.lambda3=0"])
+    with_fit = _sage(tiny_backbone, ["sage.lambda1=0", "sage.lambda2=0", "sage.lambda3=0", "sage.fit_init=0"])
     with_fit.tuner.detach()
     torch.manual_seed(3)
     plain = _sage(tiny_backbone, ["sage.fit=false"])

@@ -43,6 +43,7 @@ from ..data.transforms import (
 from ..errors import ConfigError
 from ..heads import LIFT_TEMPLATES, build_head, text_init_weights
 from ..losses import build_loss, loss_names
+from ..losses.compensation import CF_READINGS
 from ..tuners import AdaptFormerOptions, SGAdapterOptions, build_tuner
 from .base import Method, Output, register_method
 
@@ -64,11 +65,16 @@ class SageConfig:
     tau: float = 1.0  # LA temperature (la, bs, cf)
     mu: float = 0.5  # cf: Lambda_i = mu n_i^gamma S_N / (C n_min)
     gamma: float = 0.05
+    # cf: product = eq. 22 as printed (LA with the prior raised to 1 + gamma: mu cancels) | additive = Lambda added
+    # to the logits without the log (mu matters, as Fig. 8 suggests); docs/methods/sage.md
+    cf_reading: str = "product"
     fit: bool = True  # the feature interchange (eq. 23-24)
     lambda1: float = 0.015  # weight of l(z^v)
     lambda2: float = 0.015  # weight of l(z^t)
     lambda3: float = 0.4  # weight of l(z_hat)
-    fit_init: float = 0.0  # s1, s2 at init (not given in the paper; 0: z_hat starts as z)
+    # s1, s2 at init (the paper gives none). 1: z_hat starts as z + z^v + z^t, so FIT interchanges features on every
+    # preset; at 0 their gradients carry lambda3's factor and FIT stays off where lambda3 = 1e-7 (iNat, Table 8)
+    fit_init: float = 1.0
     crop_min_scale: float = 0.08  # RandomResizedCrop's lower scale bound (LIFT)
     flip: bool = True
     interpolation: str = "bilinear"  # as LIFT
@@ -77,6 +83,7 @@ class SageConfig:
         check_choice("sage.adapter", self.adapter, tuple(ADAPTERS))
         check_choice("sage.init", self.init, tuple(INITS))
         check_choice("sage.loss", self.loss, loss_names())
+        check_choice("sage.cf_reading", self.cf_reading, CF_READINGS)
         check_choice("sage.interpolation", self.interpolation, tuple(INTERPOLATIONS))
         check_range("sage.alpha", self.alpha, 0.0, 1.0)
         check_range("sage.crop_min_scale", self.crop_min_scale, 0.0, 1.0)
@@ -91,7 +98,8 @@ class SageConfig:
         """Options of the chosen loss: tau for every prior-adjusting loss, mu and gamma for cf."""
         if self.loss == "ce":
             return {}
-        return {"tau": self.tau, **({"mu": self.mu, "gamma": self.gamma} if self.loss == "cf" else {})}
+        cf = {"mu": self.mu, "gamma": self.gamma, "reading": self.cf_reading}
+        return {"tau": self.tau, **(cf if self.loss == "cf" else {})}
 
 
 @register_method("sage")
