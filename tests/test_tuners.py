@@ -132,7 +132,7 @@ def test_sgd_step_leaves_frozen_weights_bit_identical(tiny_backbone, name: str) 
 def test_formula_equals_counted_parameters(tiny_backbone, name: str) -> None:
     d, blocks = tiny_backbone.width, tiny_backbone.num_blocks
     h = tiny_backbone.model.visual.transformer.resblocks[0].mlp.c_fc.out_features
-    per_block = {  # the per-block formula of each row (METHODS.md / LIFT)
+    per_block = {  # the per-block formula of each row (docs/methods/lift.md)
         "adaptformer": (2 * 4 + 3) * d + 4 + 1, "adapter": (2 * 4 + 3) * d + 4, "lora": 2 * (2 * 4 * d),
         "vpt_deep": 3 * d, "vpt_shallow": 3 * d, "classifier": 0,
         "full": 4 * d * d + 2 * d * h + 9 * d + h, "bitfit": 7 * d + h, "ln": 4 * d,

@@ -5,7 +5,7 @@ keys; `data.*` falls back to the resolved `task_meta` in results.json, so a conf
 `data.imbalance_ratio` to the dataset's default still matches), then in results.json (e.g.
 `gla.finetuned_method`). `protocol` keys are settings of the paper's protocol a run may differ in (five-crop
 test-time ensembling, epochs): the number is still shown, and the difference is named next to it.
-The numbers are those of METHODS.md, each with its source table.
+The numbers are the papers' (docs/methods/<method>.md), each with its source table.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class AdaptFormer(Tuner):
         return cls(backbone.width, backbone.num_blocks, replace(options, bottleneck=r))
 
     def params_per_block(self) -> int:
-        """(2r+3)d + r + 1 with the learnable scale (METHODS.md)."""
+        """(2r+3)d + r + 1 with the learnable scale (docs/methods/lift.md)."""
         return Bottleneck.num_parameters(self.dim, self.bottleneck, self.options.learnable_scale)
 
     def _attach(self, backbone: Backbone) -> list[Callable[[], None]]:
