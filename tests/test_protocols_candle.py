@@ -110,3 +110,29 @@ def test_cross_dataset_draw_ranks_imagenet_in_list_order() -> None:
     want = released_b2n_lt_counts(np.repeat(np.arange(30), sizes).tolist(), 100, subsample="all")
     assert task.class_counts[:30].tolist() == [want[c] for c in range(30)]
     assert task.class_counts[0] == 100 and task.class_counts[29] == 1 and task.class_counts[30:].sum() == 0
+
+
+def test_base_scoring_all_scores_base_images_among_every_class(tmp_path: Path) -> None:
+    """eval.base_scoring=all (Candle's released B2Ntestbase): a base test image predicted as a new class is an
+    error; new images stay among the new classes; results.json records the choice."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tailclip import api
+
+    cfg = load_config(None, ["method=zeroshot", "data.name=synth-b2n", "eval.splits=[test_base,test_new]",
+                             "eval.base_scoring=all", f"output_dir={tmp_path}", "run_name=all", "eval.plots=false"])
+    run = api.run(cfg)
+    res = json.loads((run / "results.json").read_text())
+    base = res["task_meta"]["base_classes"]
+    for split, among in (("test_base", None), ("test_new", res["task_meta"]["new_classes"])):
+        saved = load_file(str(run / f"logits_{split}.safetensors"))
+        logits, labels = saved["logits"], saved["labels"]
+        if among is not None:  # new images: among the new classes, labels renumbered
+            logits, labels = logits[:, among], labels - len(base)
+        assert res["splits"][split]["top1"] == pytest.approx(100 * float((logits.argmax(1) == labels).float().mean()))
+    saved = load_file(str(run / "logits_test_base.safetensors"))
+    among_base = 100 * float((saved["logits"][:, base].argmax(1) == saved["labels"]).float().mean())
+    assert res["splits"]["test_base"]["top1"] < among_base  # some base images go to new classes
+    assert res["protocol"]["base_scoring"] == "all" and "base_scoring=all" in res["protocol"]["differs"]

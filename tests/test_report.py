@@ -117,6 +117,23 @@ def test_tables_hold_the_runs_numbers(tmp_path: Path) -> None:
     assert "All rows: method lift, dataset synth-lt" in files["report.md"].read_text()
 
 
+def test_the_protocol_a_run_used_is_a_column(tmp_path: Path) -> None:
+    """results.json's protocol.differs (the choices that are not tailclip's defaults) is shown per row, in the CSV
+    too; runs written before it was recorded show nothing."""
+    released = {"protocol": {"base_scoring": "all", "differs": "base_scoring=all, precision=fp16_weights"}}
+    write_run(tmp_path / "released", method="candle", extra=released)
+    write_run(tmp_path / "default", method="candle", extra={"protocol": {"base_scoring": "base", "differs": ""}})
+    write_run(tmp_path / "old", method="candle")
+    files = report_runs([tmp_path / n for n in ("released", "default", "old")], tmp_path / "out", plots=False)
+    md = {r["run"]: r for r in md_rows(files["report.md"].read_text())}
+    assert md["released"]["protocol"] == "base_scoring=all, precision=fp16_weights"
+    assert md["default"]["protocol"] == md["old"]["protocol"] == ""
+    rows = {r["run"]: r for r in read_csv(files["report.csv"])}
+    assert rows["released"]["protocol"] == "base_scoring=all, precision=fp16_weights"
+    only = report_runs([tmp_path / "released"], tmp_path / "out1", plots=False)
+    assert "protocol" in only["report.md"].read_text()
+
+
 def test_grid_mean_and_population_std(tmp_path: Path) -> None:
     from tailclip.grid import aggregate
 
