@@ -85,13 +85,12 @@ def _dassl_lrs(epochs: int, lr: float, warmup_lr: float) -> list[float]:
     steps from its own epoch 0."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    out, wrapper_epoch = [], 0
-    for _ in range(epochs):
+    out = []
+    for wrapper_epoch in range(epochs):
         out.append(warmup_lr if wrapper_epoch < 1 else opt.param_groups[0]["lr"])
         opt.step()
         if wrapper_epoch >= 1:
             cosine.step()
-        wrapper_epoch += 1
     return out
 
 

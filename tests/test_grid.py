@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tailclip.config import RunConfig, load_config
+from tailclip.config import RunConfig, dump_config, load_config
 from tailclip.grid import run_grid
 
 
-def fake_run(cfg: RunConfig) -> Path:
-    """Writes a results.json whose top-1 is a known function of (shots, seed)."""
+def fake_run(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Writes a results.json whose top-1 is a known function of (shots, seed), and config.yaml as api.run does."""
     path = Path(cfg.output_dir) / cfg.run_name
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=overwrite)
+    dump_config(cfg, path / "config.yaml")
     top1 = 50.0 + cfg.data.shots + cfg.data.seed  # seeds 1,2,3 -> mean +2, std sqrt(2/3)
     (path / "results.json").write_text(json.dumps({"top1": top1, "many": None, "ece": 1.0 * cfg.data.seed}))
     return path
@@ -37,6 +38,28 @@ def test_mean_and_std_per_cell(tmp_path: Path) -> None:
     calls: list[str] = []
     run_grid(cfg, [1, 4], [1, 2, 3], run_fn=lambda c: calls.append(c.run_name) or fake_run(c))
     assert calls == []
+
+
+def test_a_finished_cell_of_another_configuration_is_never_reused(tmp_path: Path) -> None:
+    """Seen: a table row re-run with C=1e6 reported the old C=1e-06 cell. Reuse needs the same configuration."""
+    from tailclip.errors import TailclipError
+
+    first = load_config(None, [f"output_dir={tmp_path}", "run_name=g", "train.lr=0.01"])
+    run_grid(first, [1], [1, 2], run_fn=fake_run)
+    changed = load_config(None, [f"output_dir={tmp_path}", "run_name=g", "train.lr=0.02"])
+    with pytest.raises(TailclipError, match=r"k1-s1 finished with another configuration \(train.lr: 0.01 -> 0.02\)"):
+        run_grid(changed, [1], [1, 2], run_fn=fake_run)
+    # bookkeeping keys (workers, device, plots) do not count
+    same = load_config(None, [f"output_dir={tmp_path}", "run_name=g", "train.lr=0.01", "data.num_workers=2",
+                              "eval.plots=false", "device=cpu"])
+    calls: list[str] = []
+    run_grid(same, [1], [1, 2], run_fn=lambda c, overwrite=False: calls.append(c.run_name) or fake_run(c, overwrite))
+    assert calls == []
+    redo: list[tuple[str, bool]] = []
+    run_grid(changed, [1], [1, 2], overwrite=True,
+             run_fn=lambda c, overwrite=False: redo.append((c.run_name, overwrite)) or fake_run(c, overwrite))
+    assert redo == [("k1-s1", True), ("k1-s2", True)]
+    assert load_config(tmp_path / "g" / "k1-s1" / "config.yaml").train.lr == 0.02
 
 
 def test_real_tiny_grid(tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tailclip.config import RunConfig
+from tailclip.config import RunConfig, dump_config
 from tailclip.errors import ConfigError
 from tailclip.report.collect import build_rows, collect
 from tailclip.table import load_table, row_config, run_table
@@ -23,7 +22,7 @@ def fake_run(cfg: RunConfig) -> Path:
     top1 = 1000 * cfg.train.lr + cfg.data.seed + (cfg.data.shots or 0)
     (path / "results.json").write_text(json.dumps({"top1": top1, "method": cfg.method, "seed": cfg.train.seed,
                                                    "epochs": cfg.train.epochs}))
-    (path / "config.yaml").write_text(yaml.safe_dump({"method": cfg.method}))
+    dump_config(cfg, path / "config.yaml")  # as api.run writes it
     return path
 
 

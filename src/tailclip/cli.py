@@ -114,7 +114,8 @@ def train(
     if shots is not None or seeds is not None:
         from .grid import run_grid
 
-        out = run_grid(cfg, _ints(shots) or [cfg.data.shots or 16], _ints(seeds) or [cfg.data.seed])
+        out = run_grid(cfg, _ints(shots) or [cfg.data.shots or 16], _ints(seeds) or [cfg.data.seed],
+                       overwrite=overwrite)
         typer.echo(Path(out / "grid.md").read_text() if (out / "grid.md").exists() else f"grid folder: {out}")
         return
     from .api import run
@@ -302,15 +303,18 @@ def table(
     shots: Annotated[str | None, typer.Option(help="shot counts instead of the file's, e.g. 1,4,16")] = None,
     seeds: Annotated[str | None, typer.Option(help="seeds instead of the file's, e.g. 1,2,3")] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="draw the report's plots")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="rerun finished rows whose configuration changed")]
+    = False,
 ) -> None:
     """Run every row of a table file (a paper's comparison or ablation) over its seeds and print the table:
-    mean ± std per row. Finished rows are reused, so an interrupted table continues."""
+    mean ± std per row. Finished rows of the same configuration are reused, so an interrupted table continues."""
     from .table import load_table, run_table
 
     _setup_logging()
     spec = load_table(table_file, config)
     cli = _overrides(None, None, None, root, None, None, overrides)
-    out = run_table(spec, output_dir, cli, name=name, seeds=_ints(seeds), shots=_ints(shots), plots=plots)
+    out = run_table(spec, output_dir, cli, name=name, seeds=_ints(seeds), shots=_ints(shots), plots=plots,
+                    overwrite=overwrite)
     typer.echo(f"# {spec.title}\n\n" + (out / "report" / "report.md").read_text())
     typer.echo(f"table folder: {out}")
 

@@ -6,7 +6,9 @@ cell (`k{shots}-s{seed}`, or `s{seed}` without shots, each a normal run folder w
 indices), plus
 `grid.json` (every cell's numbers and the per-shot aggregates) and `grid.md` (the table). The std is the
 population std over seeds (numpy's default, as CoOp's `parse_test_res.py` reports it). A cell whose
-results.json already exists is reused, so an interrupted grid continues where it stopped.
+results.json already exists is reused only when its config.yaml equals the requested configuration (bookkeeping
+keys aside: `cell_differences`), so an interrupted grid continues where it stopped while an edited row or override
+is never reported with the old cell's numbers (a one-line error names the keys; `overwrite` reruns the cell).
 """
 
 from __future__ import annotations
@@ -20,13 +22,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from .config import RunConfig
+from .config import RunConfig, config_to_dict
+from .errors import TailclipError
 from .io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
 METRICS = ("top1", "many", "medium", "few", "ece", "nll")
+# config keys that never change a cell's numbers: where it is written, how it is resumed or logged, the device
+BOOKKEEPING = {"output_dir", "run_name", "resume", "device", "data.num_workers", "eval.plots", "train.tensorboard",
+               "train.resume_every_steps", "train.resume_every_minutes"}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def cell_differences(cell_dir: Path, cfg: RunConfig) -> list[str]:
+    """"key: stored -> requested" for every result-relevant key in which a finished cell's config.yaml differs
+    from `cfg` (a key only one side has counts too)."""
+    path = cell_dir / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TailclipError(f"{path}: cannot be read to check the finished cell ({exc}); rerun it with "
+                            "--overwrite") from None
+    theirs, mine = _flat(stored), _flat(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    keys = sorted((set(theirs) | set(mine)) - BOOKKEEPING)
+    missing = object()
+    return [f"{k}: {theirs.get(k, '(unset)')!r} -> {mine.get(k, '(unset)')!r}" for k in keys
+            if theirs.get(k, missing) != mine.get(k, missing)]
 
 
 def cell_name(shots: int | None, seed: int) -> str:
@@ -69,9 +101,9 @@ def format_grid(summary: dict[str, dict[str, Any]], title: str, metrics: Sequenc
 
 
 def run_grid(cfg: RunConfig, shots: Sequence[int | None], seeds: Sequence[int],
-             run_fn: Callable[[RunConfig], Path] | None = None) -> Path:
+             run_fn: Callable[..., Path] | None = None, overwrite: bool = False) -> Path:
     """Run every (shots, seed) cell with data.shots, data.seed and train.seed set (shots None: left as configured);
-    returns the grid folder."""
+    returns the grid folder. A finished cell of another configuration is an error, or rerun with `overwrite`."""
     if run_fn is None:
         from .api import run as run_fn
     shots = [None if k is None else int(k) for k in shots]
@@ -94,9 +126,19 @@ def run_grid(cfg: RunConfig, shots: Sequence[int | None], seeds: Sequence[int],
             cell_cfg.output_dir = str(grid_dir)
             cell_cfg.run_name = cell_name(k, seed)
             path = grid_dir / cell_cfg.run_name
+            redo = False
             if (path / "results.json").is_file():
-                log.info("grid cell %s already done; reusing it", path.name)
-            else:
+                diff = cell_differences(path, cell_cfg)
+                if diff and not overwrite:
+                    raise TailclipError(f"{path} finished with another configuration ({'; '.join(diff)}); pass "
+                                        "--overwrite to rerun it, or another --name")
+                redo = bool(diff)
+                if not redo:
+                    log.info("grid cell %s already done with this configuration; reusing it", path.name)
+            if redo:
+                log.info("grid cell %s: configuration changed; rerunning it (--overwrite)", path.name)
+                path = Path(run_fn(cell_cfg, overwrite=True))
+            elif not (path / "results.json").is_file():
                 log.info("grid cell shots=%s seed=%d", shots_label(k), seed)
                 if path.is_dir() and cell_cfg.resume is None:  # an interrupted cell continues (same config)
                     cell_cfg.resume = "auto"

@@ -16,7 +16,8 @@ report of those grids (`report/`): mean ± std over seeds per row, in the order 
       zero-shot: {config: ../zeroshot.yaml, overrides: [...]}
 
 Overrides apply in the order preset <- table overrides <- row overrides <- command line, so the command line
-(`--root`, `train.epochs=1`) reaches every row. Rows that finished are reused, so an interrupted table continues.
+(`--root`, `train.epochs=1`) reaches every row. Rows that finished with the same configuration are reused, so an
+interrupted table continues; a finished row of another configuration is an error unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def row_config(spec: TableSpec, row: TableRow, cli: Sequence[str] = ()) -> RunCo
 
 def run_table(spec: TableSpec, output_dir: str | Path, cli: Sequence[str] = (), name: str | None = None,
               seeds: Sequence[int] | None = None, shots: Sequence[int] | None = None, plots: bool = True,
-              run_fn: Callable[[RunConfig], Path] | None = None) -> Path:
+              run_fn: Callable[..., Path] | None = None, overwrite: bool = False) -> Path:
     """Run every row's grid into `<output_dir>/<name>/<row>`, then write the table's report into its `report/`.
 
     Every row's configuration is checked before the first run starts, so a typo in the last row fails at once."""
@@ -159,7 +160,7 @@ def run_table(spec: TableSpec, output_dir: str | Path, cli: Sequence[str] = (), 
         log.info("table %s: row %s", spec.title, row.name)
         cfg.output_dir = str(table_dir)
         cfg.run_name = row.folder
-        run_grid(cfg, grid_shots, seeds, run_fn=run_fn)
+        run_grid(cfg, grid_shots, seeds, run_fn=run_fn, overwrite=overwrite)
     report_runs([table_dir / row.folder for row in spec.rows], table_dir / "report",
                 labels=[row.name for row in spec.rows], plots=plots)
     return table_dir
