@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from tailclip.api import group_counts, harmonic_mean, restrict_to_label_space
+from tailclip.config import load_config
 from tailclip.data.base import ArrayImages, Split, Task
 from tailclip.methods import Predictions
 
@@ -59,3 +62,16 @@ def test_k_shot_run_keeps_its_draw(tmp_path, tiny_vit_json) -> None:
     assert again.split("train").labels.tolist() == drawn.split("train").labels.tolist()
     assert [again.split("train").images.ident(i) for i in range(6)] == \
         [drawn.split("train").images.ident(i) for i in range(6)]
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "gla", "linear_probe", "candle"])
+def test_select_on_paper_is_refused_before_any_work(tmp_path: Path, method: str) -> None:
+    """A method without a paper protocol refuses train.select_on=paper before a folder or a feature is written."""
+    from tailclip import api
+    from tailclip.errors import ConfigError
+
+    cfg = load_config(None, [f"method={method}", "train.select_on=paper", f"output_dir={tmp_path / 'runs'}",
+                             "run_name=r"])
+    with pytest.raises(ConfigError, match=f"method '{method}' declares no paper protocol.*ldc, tip_adapter"):
+        api.run(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -136,3 +136,4 @@ def test_base_scoring_all_scores_base_images_among_every_class(tmp_path: Path) -
     among_base = 100 * float((saved["logits"][:, base].argmax(1) == saved["labels"]).float().mean())
     assert res["splits"]["test_base"]["top1"] < among_base  # some base images go to new classes
     assert res["protocol"]["base_scoring"] == "all" and "base_scoring=all" in res["protocol"]["differs"]
+

@@ -22,7 +22,7 @@ from .engine.checkpoint import META, load_checkpoint, read_meta, save_checkpoint
 from .engine.evaluate import in_label_space, label_space, resolve_device
 from .engine.metrics import classification_metrics
 from .engine.runs import RunDir, logits_file
-from .errors import DataError, TailclipError
+from .errors import ConfigError, DataError, TailclipError
 from .io import atomic_save_tensors, write_json
 from .methods import FitContext, Method, Predictions
 from .methods.loading import build, load_trained
@@ -133,6 +133,7 @@ def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
     """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
     trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting.
     An existing run folder is reused only with `cfg.resume` (same run) or `overwrite` (see RunDir.for_config)."""
+    _check_paper_protocol(cfg)
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
     run_dir = RunDir.for_config(cfg, overwrite=overwrite)
@@ -157,6 +158,17 @@ def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
         _plots(cfg, run_dir.path)
         distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
     return run_dir.path
+
+
+def _check_paper_protocol(cfg: RunConfig) -> None:
+    """train.select_on=paper names a method's released test-set protocol: refused, before any folder or feature is
+    written, for a method that declares none (it would otherwise be ignored or fail late)."""
+    from .methods import METHODS
+
+    if cfg.train.select_on == "paper" and not METHODS.get(cfg.method).paper_protocol:
+        with_one = sorted(name for name in METHODS if METHODS.get(name).paper_protocol)
+        raise ConfigError(f"train.select_on=paper: method {cfg.method!r} declares no paper protocol (methods with "
+                          f"one: {', '.join(with_one)}); use val or none")
 
 
 @contextmanager
