@@ -293,8 +293,11 @@ def split_features(
     def build(build_key: CacheKey) -> Iterator[dict[str, Tensor]]:
         seen.clear()
         wanted = {n: STORAGE_DTYPES[d] for n, d in build_key.tensors.items() if n not in BASE_TENSORS}
+        # its own generator: creating the iterator draws a worker seed, which must not come from the global RNG a
+        # training run uses (a cold and a warm cache would otherwise train differently)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             collate_fn=collate_skip_none, pin_memory=device.type == "cuda")
+                                             collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+                                             generator=torch.Generator())
         for batch in _batches(backbone, loader, device, precision, wanted, f"features {task.name}/{split}/{view}"):
             seen.append(batch["indices"])
             yield batch
