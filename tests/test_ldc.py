@@ -215,8 +215,9 @@ def test_presets_cover_11_datasets_two_towers_and_the_recipe() -> None:
         cfg = load_config(path, [])
         m = cfg.method_config()
         assert cfg.method == "ldc" and cfg.model.name in ("ViT-B-16@openai", "RN50@openai")
-        assert (m.lr, m.weight_decay, m.eps, m.epochs, m.batch_size, m.crop_scale) == (1e-4, 1e-4, 1e-4, 50, 64,
-                                                                                      [0.8, 1.0])
+        t = cfg.train
+        assert (t.optimizer, t.lr, t.weight_decay, t.eps, t.epochs, t.batch_size, t.sched_unit, m.crop_scale) == (
+            "adamw", 1e-4, 1e-4, 1e-4, 50, 64, "step", [0.8, 1.0])
         assert cfg.train.select_on == "none" and m.report == "beta_search"  # the released protocol by name
         assert cfg.data.templates == ("imagenet7" if cfg.data.name == "imagenet" else None)
 
@@ -254,7 +255,7 @@ def test_beta_search_report_end_to_end(tmp_path: Path) -> None:
     from tailclip import api
 
     cfg = load_config(None, ["method=ldc", "data.name=synth-fewshot", "data.shots=2", "ldc.views=1",
-                             "ldc.epochs=2", "ldc.report=beta_search", "ldc.beta_on=val", "eval.splits=[val,test]",
+                             "train.epochs=2", "ldc.report=beta_search", "ldc.beta_on=val", "eval.splits=[val,test]",
                              f"output_dir={tmp_path}", "run_name=b", "eval.plots=false"])
     res = json.loads((api.run(cfg) / "results.json").read_text())
     rec = res["ldc"]
@@ -266,3 +267,14 @@ def test_beta_search_report_end_to_end(tmp_path: Path) -> None:
                              "train.select_on=val", f"output_dir={tmp_path}", "run_name=c"])
     with pytest.raises(ConfigError, match="beta_search keeps the last epoch"):
         api.run(bad)
+
+
+def test_the_recipe_is_the_default_of_the_train_keys_and_obeyed() -> None:
+    """LDC's released recipe is the default of train.*: train.epochs=2 is obeyed (it used to be ignored in favour
+    of ldc.epochs), and the old key is refused by name."""
+    cfg = load_config(None, ["method=ldc"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.optimizer, cfg.train.batch_size) == (50, 1e-4, "adamw", 64)
+    assert load_config(None, ["method=ldc", "train.epochs=2"]).train.epochs == 2
+    assert load_config(None, ["method=lift"]).train.epochs == 10  # other methods keep the global defaults
+    with pytest.raises(ConfigError, match="unknown config key 'ldc.epochs'"):
+        load_config(None, ["method=ldc", "ldc.epochs=2"])

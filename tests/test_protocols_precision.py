@@ -39,7 +39,7 @@ def test_fp16_weights_trains_and_ends_in_fp32(tmp_path: Path, method: str) -> No
     common = ["data.name=synth-fewshot", "data.shots=2", "train.epochs=2", f"output_dir={tmp_path}",
               "eval.plots=false", "eval.splits=[val]", f"method={method}"]
     extra = {"coop": ["coop.views=0", "train.lr=0.002"], "candle": ["candle.augment_views=0"],
-             "ldc": ["ldc.views=1", "ldc.epochs=2"]}[method]
+             "ldc": ["ldc.views=1", "train.epochs=2"]}[method]
     states = {}
     for precision in ("fp32", "fp16_weights"):
         cfg = load_config(None, [*common, *extra, f"train.precision={precision}", f"run_name={precision}"])

@@ -148,8 +148,8 @@ def test_tip_adapter_f_on_the_trainer_equals_the_released_loop(tiny_vit_json: Pa
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     epochs, batch, views = 4, 5, 3  # 16 keys: steps of 5, 5, 5, 1
     cfg = _cfg(tmp_path, tiny_vit_json, register_fewshot_colors(), "tip_adapter_f", [
-        f"tip_adapter_f.epochs={epochs}", f"tip_adapter_f.batch_size={batch}", f"tip_adapter_f.augment_views={views}",
-        "tip_adapter_f.lr=0.01", "tip_adapter_f.logit_scale=100", "tip_adapter_f.init_alpha=2.0",
+        f"train.epochs={epochs}", f"train.batch_size={batch}", f"tip_adapter_f.augment_views={views}",
+        "train.lr=0.01", "tip_adapter_f.logit_scale=100", "tip_adapter_f.init_alpha=2.0",
         "train.select_on=none"])
     task, method = build(cfg, torch.device("cpu"))
     (tmp_path / "r").mkdir()
@@ -195,7 +195,7 @@ def test_selects_on_val_by_default(method: str, tiny_vit_json: Path, tmp_path: P
 
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_vit_json, register_fewshot_colors(), method,
-               [f"{method}.augment_views=2", f"{method}.epochs=3"])
+               [f"{method}.augment_views=2", "train.epochs=3"])
     run_dir = run(cfg)
     res = RunDir(run_dir).read_results()
     info, sel = res[method], res["selection"]
@@ -245,7 +245,7 @@ def test_tip_adapter_f_paper_protocol_selects_the_epoch_on_test(tiny_vit_json: P
 
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_vit_json, register_fewshot_colors(), "tip_adapter_f",
-               ["tip_adapter_f.augment_views=1", "tip_adapter_f.epochs=2", "train.select_on=paper"])
+               ["tip_adapter_f.augment_views=1", "train.epochs=2", "train.select_on=paper"])
     run_dir = run(cfg)
     res = RunDir(run_dir).read_results()
     sel = res["selection"]
@@ -269,7 +269,7 @@ def test_paper_protocol_without_val_searches_on_test(tiny_vit_json: Path, tmp_pa
 
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_vit_json, register_fewshot_colors(with_val=False), "tip_adapter_f",
-               ["tip_adapter_f.augment_views=1", "tip_adapter_f.epochs=2", "train.select_on=paper",
+               ["tip_adapter_f.augment_views=1", "train.epochs=2", "train.select_on=paper",
                 "eval.splits=[test]"])
     res = RunDir(run(cfg)).read_results()
     ab = res["selection"]["alpha_beta"]

@@ -185,10 +185,14 @@ class RunConfig:
 # Each method registers its options class here when it is defined (`methods.base.register_method`), so this
 # module never imports `tailclip.methods`: configuration sits below the methods in the import graph.
 METHOD_CONFIGS: dict[str, type | None] = {}
+# A method's fixed training recipe (LDC, Tip-Adapter-F) as defaults of the shared `train.*` keys: presets and
+# overrides change them like any default, so a `train.epochs=2` is always obeyed.
+METHOD_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def register_method_config(method: str, config_cls: type | None) -> None:
+def register_method_config(method: str, config_cls: type | None, train_defaults: dict[str, Any] | None = None) -> None:
     METHOD_CONFIGS[method] = config_cls
+    METHOD_TRAIN_DEFAULTS[method] = dict(train_defaults or {})
 
 
 def _schema_for(method: str) -> type:
@@ -277,7 +281,8 @@ def _omegaconf_message(schema: type, exc: OmegaConfBaseException) -> str:
 def load_config(
     preset: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
 ) -> RunConfig:
-    """Merge defaults <- base dict <- YAML preset <- `a.b=c` overrides, validate, return the typed config."""
+    """Merge defaults <- the method's train defaults <- base dict <- YAML preset <- `a.b=c` overrides, validate,
+    return the typed config."""
     layers: list[dict] = []
     if base:
         layers.append(base)
@@ -300,6 +305,8 @@ def load_config(
     schema = _schema_for(method)
     for layer in layers:
         _check_sections(schema, layer, "")
+    if METHOD_TRAIN_DEFAULTS.get(method):
+        layers.insert(0, {"train": METHOD_TRAIN_DEFAULTS[method]})
     try:
         merged = OmegaConf.structured(schema)
         for layer in layers:

@@ -92,7 +92,7 @@ ROWS: list[DemoRow] = [
     # LDC from cached taps of 4 augmented views (the released 50 epochs and lr 1e-4; ~5,000 rows/s on 2 cores)
     DemoRow("LDC [synth-fewshot 16-shot]", "fs-ldc",
             ["method=ldc", "data.name=synth-fewshot", "data.shots=16", "ldc.views=4", "eval.splits=[val,test]"],
-            quick=["ldc.epochs=5"], seconds=20),
+            quick=["train.epochs=5"], seconds=20),
     DemoRow("GLA ensemble [synth-fewshot 16-shot]", "fs-gla-ensemble",
             ["method=gla", "data.name=synth-fewshot", "data.shots=16", "gla.mode=ensemble",
              "gla.finetuned_run={out}/fs-linear-probe"]),

@@ -109,6 +109,8 @@ class Method(nn.Module, ABC):
     inputs: ClassVar[str] = "images"  # "images": runs the backbone per batch; "features": trains from the cache
     select_among: ClassVar[tuple[str, ...]] = ("epochs",)  # what train.select_on may choose: "epochs", "heads"
     paper_protocol: ClassVar[str] = ""  # the released code's test-set selection (train.select_on=paper); "": none
+    # the method's fixed training recipe as defaults of the shared train.* keys (config.METHOD_TRAIN_DEFAULTS)
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__()
@@ -160,8 +162,8 @@ class Method(nn.Module, ABC):
         return method_features(self, ctx, split, view=view, taps=taps, dtype=spec.dtype, transform=augment)
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
-        """The training recipe: the run's `train` section, or a method's own fixed recipe built from it
-        (Tip-Adapter-F keeps its released optimizer settings in its own config)."""
+        """The training recipe: the run's `train` section (a method's fixed recipe is `train_defaults`, the defaults
+        of those keys); a method may derive keys from its task (CoOp's epochs by shots)."""
         return train
 
     def train_transform(self, epoch: int) -> Callable[[Any], Tensor] | None:
@@ -264,7 +266,7 @@ METHODS: Registry[MethodClass] = Registry("method")
 def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
     def deco(cls: MethodClass) -> MethodClass:
         cls.name = name
-        register_method_config(name, cls.Config)
+        register_method_config(name, cls.Config, cls.train_defaults)
         return METHODS.register(name)(cls)
 
     return deco

@@ -43,14 +43,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import TrainConfig, check_choice, check_range
+from ..config import check_choice, check_range
 from ..data.base import TaskInfo
 from ..data.fewshot import FULL_VAL
 from ..errors import ConfigError
@@ -88,12 +88,6 @@ class LDCConfig:
     report: str = "alf"  # alf: s_ALF | beta_search: the released beta * s_MAF + (1 - beta) * s_ICD (module doc)
     beta_on: str = "auto"  # beta_search's split: auto (val_full, else test: released) | val | val_full | test
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    # the released recipe (the run's train section supplies seed, precision, selection, resume)
-    epochs: int = 50
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    eps: float = 1e-4
-    batch_size: int = 64
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,8 +101,6 @@ class LDCConfig:
             raise ConfigError(f"ldc.report=beta_search mixes s_MAF and s_ICD; ldc.variant={self.variant} lacks one")
         check_choice("ldc.interpolation", self.interpolation, ("bicubic", "bilinear"))
         check_range("ldc.views", self.views, 1)
-        check_range("ldc.epochs", self.epochs, 1)
-        check_range("ldc.batch_size", self.batch_size, 2)  # BatchNorm needs more than one sample
         check_range("ldc.lam", self.lam, 0.0)
         check_range("ldc.cache_gb", self.cache_gb, 0.0)
         if len(self.fusion_weights) != 4:
@@ -195,6 +187,9 @@ class LDC(Method):
     inputs = "features"
     select_among = ("epochs",)
     paper_protocol = PAPER
+    # the released recipe: AdamW lr 1e-4, wd 1e-4, eps 1e-4, batch 64, 50 epochs, cosine over iterations to 0
+    train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "eps": 1e-4, "batch_size": 64,
+                      "epochs": 50, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
 
     def __init__(self, cfg: LDCConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
@@ -244,18 +239,12 @@ class LDC(Method):
         return FeatureSpec(tensors=(*self.taps, "proj"), views=cfg.views, per=cfg.per, dtype=cfg.tap_dtype,
                            augment=augment)
 
-    def train_config(self, train: TrainConfig) -> TrainConfig:
-        """The released recipe from this method's config (AdamW, cosine over iterations to 0, no warm-up)."""
-        cfg = self.cfg
-        return dataclasses.replace(
-            train, optimizer="adamw", lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            epochs=cfg.epochs, scheduler="cosine", sched_unit="step", warmup_epochs=0, min_lr=0.0,
-            clip_grad_norm=None)
-
     def eval_heads(self) -> tuple[str, ...]:
         return TRAINED_HEADS[self.cfg.variant] if len(TRAINED_HEADS[self.cfg.variant]) > 1 else ()
 
     def fit(self, ctx: FitContext) -> None:
+        if ctx.cfg.train.batch_size < 2:
+            raise ConfigError(f"train.batch_size={ctx.cfg.train.batch_size}: LDC's BatchNorm layers need >= 2")
         if self.cfg.report == "beta_search":
             if ctx.cfg.train.select_on in ("val", "paper"):
                 raise ConfigError(f"ldc.report=beta_search keeps the last epoch as the released code; "

@@ -27,14 +27,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import TrainConfig
 from ..data.base import TaskInfo
 from ..errors import ConfigError
 from ..features import method_features
@@ -58,13 +57,6 @@ class TipAdapterConfig:
     search_scale: list[float] = field(default_factory=lambda: [7.0, 3.0])  # [beta max, alpha max]
     search_step: list[int] = field(default_factory=lambda: [200, 20])  # [beta points, alpha points]
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    # Tip-Adapter-F's training recipe (its released values; the run's train section supplies seed, precision,
-    # selection and resume settings)
-    epochs: int = 20
-    lr: float = 1e-3
-    eps: float = 1e-4
-    weight_decay: float = 0.01  # torch AdamW default, as in the released code
-    batch_size: int = 256
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -73,8 +65,8 @@ class TipAdapterConfig:
         if self.search_scale[0] <= 0.1 or self.search_scale[1] <= 0 or min(self.search_step) < 1:
             raise ConfigError(f"tip_adapter.search_scale={self.search_scale} needs beta max > 0.1 (the grid starts "
                               f"at 0.1) and alpha max > 0; search_step={self.search_step} needs >= 1 points each")
-        if self.augment_views < 0 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("tip_adapter.augment_views >= 0, epochs >= 1 and batch_size >= 1 are required")
+        if self.augment_views < 0:
+            raise ConfigError(f"tip_adapter.augment_views={self.augment_views} must be >= 0")
 
 
 def tip_logits(feats: Tensor, text_weights: Tensor, keys: Tensor, values: Tensor, alpha: float, beta: float,
@@ -345,15 +337,10 @@ class TipAdapterF(TipAdapter):
     finetune = True
     select_among = ("epochs",)
     paper_protocol = PAPER_F
-
-    def train_config(self, train: TrainConfig) -> TrainConfig:
-        """The released recipe from this method's config; seed, precision, selection, resume from `train`."""
-        cfg = self.cfg
-        return dataclasses.replace(
-            train, optimizer="adamw", lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            epochs=cfg.epochs, scheduler="cosine", sched_unit="step", warmup_epochs=0, min_lr=0.0, clip_grad_norm=None,
-            val_every=1,
-        )
+    # the released recipe: AdamW lr 1e-3, eps 1e-4, torch's default weight decay 0.01, batch 256, 20 epochs, cosine
+    # over iterations, no warm-up
+    train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01, "batch_size": 256,
+                      "epochs": 20, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
 
     def fit(self, ctx: FitContext) -> None:
         from ..engine.trainer import train
