@@ -134,6 +134,17 @@ def test_the_protocol_a_run_used_is_a_column(tmp_path: Path) -> None:
     assert "protocol" in only["report.md"].read_text()
 
 
+def test_every_row_says_which_split_its_top1_is_from(tmp_path: Path) -> None:
+    """A base-to-new run without a test split has val top-1 at the top level: the report names the split."""
+    write_run(tmp_path / "b2n", method="candle", splits=("val", "test_base", "test_new"), counts=None,
+              extra={"main_split": "val"})
+    write_run(tmp_path / "lt", method="candle")
+    files = report_runs([tmp_path / "b2n", tmp_path / "lt"], tmp_path / "out", plots=False)
+    md = {r["run"]: r for r in md_rows(files["report.md"].read_text())}
+    assert md["b2n"]["top-1 split"] == "val" and md["lt"]["top-1 split"] == "test"
+    assert {r["run"]: r["top1_split"] for r in read_csv(files["report.csv"])} == {"b2n": "val", "lt": "test"}
+
+
 def test_grid_mean_and_population_std(tmp_path: Path) -> None:
     from tailclip.grid import aggregate
 
@@ -346,3 +357,16 @@ def test_average_over_the_eleven_datasets_matches_the_ldc_row(tmp_path: Path) ->
     assert avg[0].stats["top1"].std == pytest.approx(np.std(seed_means))
     assert avg[0].paper is not None and avg[0].paper.value == 79.78
     assert math.isclose(avg[0].paper.diff or 0, avg[0].stats["top1"].mean - 79.78)
+
+
+def test_train_summary_prints_base_new_hm_for_base_to_new(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tailclip.cli import _print_summary
+
+    write_run(tmp_path / "b2n", method="candle", dataset="synth-b2n-lt", splits=("val", "test_base", "test_new"),
+              counts=None, extra={"main_split": "val"})
+    _print_summary(tmp_path / "b2n")
+    head, row = capsys.readouterr().out.splitlines()[:2]
+    assert head.split() == ["base", "new", "hm"] and row.startswith("candle on synth-b2n-lt")
+    write_run(tmp_path / "val-only", extra={"main_split": "val"}, splits=("val",))
+    _print_summary(tmp_path / "val-only")
+    assert "lift on synth-lt [val]" in capsys.readouterr().out

@@ -117,10 +117,11 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
         metrics = classification_metrics(logits, labels, split_counts)
         metrics["skipped_images"] = preds.skipped
         results["splits"][split] = metrics
-    main = results["splits"].get("test") or next(iter(results["splits"].values()), None)
-    if main is not None:
+    main_split = "test" if "test" in results["splits"] else next(iter(results["splits"]), None)
+    if main_split is not None:  # the top-level top1 ... nll: of the test split, else of the first evaluated one
+        results["main_split"] = main_split
         for key in ("top1", "many", "medium", "few", "ece", "nll"):
-            results[key] = main.get(key)
+            results[key] = results["splits"][main_split].get(key)
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))

@@ -60,7 +60,12 @@ def _print_summary(run_dir: Path) -> None:
     from .report import format_table
 
     res = RunDir(run_dir).read_results()
-    typer.echo(format_table([(f"{res['method']} on {res['dataset']}", res)]))
+    label = f"{res['method']} on {res['dataset']}"
+    if "hm" in res:  # base-to-new: base (test_base), new (test_new), their harmonic mean
+        typer.echo(format_table([(label, res)], ("base", "new", "hm")))
+    else:
+        split = res.get("main_split", "test")
+        typer.echo(format_table([(label if split == "test" else f"{label} [{split}]", res)]))
     typer.echo(f"run folder: {run_dir}")
 
 

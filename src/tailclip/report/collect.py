@@ -61,7 +61,10 @@ class Run:
 
     @property
     def main_split(self) -> str | None:
-        """The split the top-level numbers come from (api.evaluate: test, else the first evaluated split)."""
+        """The split the top-level numbers come from (api.evaluate records it: test, else the first evaluated
+        split)."""
+        if isinstance(self.results.get("main_split"), str):
+            return self.results["main_split"]
         splits = self.results.get("splits") or {}
         return "test" if "test" in splits else next(iter(splits), None)
 
@@ -116,6 +119,7 @@ class Row:
     paper: PaperMatch | None = None
     runs: list[Run] = field(default_factory=list)  # the run folders behind the row (for plots)
     protocol: str = ""  # the protocol choices that differ from tailclip's defaults (results.json "protocol")
+    split: str = ""  # the split top-1 / top-5 / ECE / many-medium-few come from (base / new / HM: test_base, test_new)
 
 
 # ---------------------------------------------------------------------------------------------- reading folders
@@ -257,6 +261,7 @@ def _run_row(run: Run) -> Row:
               float(params) if isinstance(params, int | float) else None, run.train_seconds, runs=[run])
     row.paper = match_target(cfg, res, {k: s.mean for k, s in row.stats.items()})
     row.protocol = protocol_of(res)
+    row.split = run.main_split or ""
     return row
 
 
@@ -295,6 +300,7 @@ def _grid_rows(grid: Grid) -> list[Row]:
                   _mean_or_none([r.train_seconds for r in cells.values()]), seeds=len(cells), runs=list(cells.values()))
         row.paper = match_target(first.config, res, {k: s.mean for k, s in stats.items()}, shots=shots)
         row.protocol = " | ".join(sorted({protocol_of(r.results) for r in cells.values()}))
+        row.split = " | ".join(sorted({r.main_split or "" for r in cells.values()}))
         rows.append(row)
     return rows
 

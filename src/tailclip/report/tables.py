@@ -82,7 +82,7 @@ def build_table(rows: Sequence[Row], pm: str = " ± ", delta: str = "Δ") -> Tab
 
     identity = [("method", lambda r: r.method or ""), ("dataset", lambda r: r.dataset or ""),
                 ("model", lambda r: r.model or ""), ("K", lambda r: "" if r.shots is None else str(r.shots)),
-                ("protocol", lambda r: r.protocol)]
+                ("protocol", lambda r: r.protocol), ("top-1 split", lambda r: r.split)]
     columns = [Column("run", lambda r: r.label, numeric=False)]
     shared: list[tuple[str, str]] = []
     for name, get in identity:
@@ -153,7 +153,7 @@ def markdown(rows: Sequence[Row], problems: Sequence[Problem], title: str = "tai
 CSV_COLUMNS = ("run", "kind", "path", "method", "dataset", "model", "shots", "seeds",
                *[c for k in METRIC_KEYS for c in (k, f"{k}_std")],
                "trainable_params", "train_seconds", "paper_metric", "paper_value", "paper_diff", "paper_source",
-               "protocol")
+               "protocol", "top1_split")
 
 
 def _num(v: float | None) -> str:
@@ -176,7 +176,7 @@ def to_csv(rows: Sequence[Row]) -> str:
         cells += [_num(params), _num(r.train_seconds)]
         m = r.paper
         cells += ["", "", "", ""] if m is None else [m.target.metric, _num(m.value), _num(m.diff), m.target.source]
-        writer.writerow([*cells, r.protocol])
+        writer.writerow([*cells, r.protocol, r.split])
     return buf.getvalue()
 
 
