@@ -56,6 +56,46 @@ def test_replaced_image_contents_rebuild_the_entry(tiny_backbone, tmp_path: Path
     assert calls == []
 
 
+def test_a_file_rewritten_keeping_size_and_mtime_needs_the_hash_check(tiny_backbone, tmp_path: Path) -> None:
+    """`cp -p` / `rsync -t` keep size and mtime: the default stat check serves the old features (documented),
+    data.content_check=hash and verify-data --hash notice the new bytes and correct the index."""
+    import os
+
+    from tailclip.features.extract import rehash_dataset
+
+    root = tmp_path / "imgs"
+    write_images(root, seed=0)
+    cache = FeatureCache(tmp_path / "cache")
+    task = build_task(DataConfig(name="image-folder", root=str(root)))
+    old = split_features(tiny_backbone, task, "train", cache=cache).proj.clone()
+    files = sorted(root.rglob("*.png"))
+    stats = {f: f.stat() for f in files}
+    write_images(tmp_path / "other", seed=1)
+    for f in files:  # new pixels under the old name, the old size and mtime restored (PNG sizes differ: pad)
+        data = (tmp_path / "other" / f.relative_to(root)).read_bytes()[: stats[f].st_size]
+        f.write_bytes(data.ljust(stats[f].st_size, b"\0"))
+        os.utime(f, ns=(stats[f].st_atime_ns, stats[f].st_mtime_ns))
+    assert all(f.stat().st_size == stats[f].st_size and f.stat().st_mtime_ns == stats[f].st_mtime_ns for f in files)
+    stale = split_features(tiny_backbone, task, "train", cache=cache).proj
+    assert torch.equal(stale, old)  # the stat check cannot see it
+    assert rehash_dataset(task, cache)["train"] == len(task.split("train"))  # (test files were never indexed)
+    assert sum(rehash_dataset(task, cache).values()) == 0  # the index now holds the new hashes
+
+
+def test_content_check_hash_rehashes_every_file(tiny_backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    root = tmp_path / "imgs"
+    write_images(root, seed=0)
+    cache = FeatureCache(tmp_path / "cache")
+    task = build_task(DataConfig(name="image-folder", root=str(root)))
+    split_features(tiny_backbone, task, "train", cache=cache)
+    calls: list[str] = []
+    orig = extract._file_hash
+    monkeypatch.setattr(extract, "_file_hash", lambda p: calls.append(p) or orig(p))
+    split_features(tiny_backbone, task, "train", cache=cache, content_check="hash")
+    assert len(calls) == len(task.split("train"))
+
+
 def test_scrambled_tensor_file_is_rebuilt_with_a_warning(tiny_backbone, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "imgs"

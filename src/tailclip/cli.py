@@ -235,6 +235,8 @@ def verify_data(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     root: RootOpt = None,
     overrides: Overrides = None,
+    rehash: Annotated[bool, typer.Option("--hash", help="also hash every file again, so a file rewritten keeping "
+                                         "its size and mtime is not served stale cached features")] = False,
 ) -> None:
     """Check that every file of a dataset exists and decodes; names each missing or unreadable file."""
     from .api import load_config
@@ -243,6 +245,16 @@ def verify_data(
     _setup_logging()
     cfg = load_config(None, _overrides(None, dataset, None, root, None, None, overrides))
     problems = verify_dataset(cfg.data)
+    if rehash and not problems:
+        import dataclasses
+
+        from .data.registry import build_task
+        from .features import FeatureCache
+        from .features.extract import rehash_dataset
+
+        stale = rehash_dataset(build_task(dataclasses.replace(cfg.data, shots=None)), FeatureCache())
+        typer.echo(f"{dataset}: {sum(stale.values())} file(s) changed with their size and mtime kept "
+                   f"({', '.join(f'{s}: {n}' for s, n in stale.items())}); the feature cache index now has them")
     for line in problems:
         typer.echo(line)
     if problems:

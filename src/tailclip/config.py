@@ -74,6 +74,9 @@ class DataConfig:
     num_workers: int | str = 0  # DataLoader worker processes, or "auto" (resolved here: see auto_num_workers)
     on_bad_image: str = "error"  # error: stop naming the file; skip: leave it out and record it in results
     decode: str = "cpu"  # training images: cpu = PIL in the loader workers; gpu = nvJPEG + crops on the GPU (CUDA)
+    # how the feature cache knows image files unchanged: stat = size + mtime against its content index (a file
+    # rewritten keeping both, cp -p / rsync -t, goes unnoticed); hash = read and hash every file each run
+    content_check: str = "stat"
 
     def __post_init__(self) -> None:
         if self.num_workers == "auto":
@@ -85,6 +88,7 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 or 'auto'")
         check_choice("data.on_bad_image", self.on_bad_image, ("error", "skip"))
         check_choice("data.decode", self.decode, ("cpu", "gpu"))
+        check_choice("data.content_check", self.content_check, ("stat", "hash"))
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"data.shots={self.shots} must be >= 1")
         if self.imbalance_ratio is not None and self.imbalance_ratio < 1:

@@ -70,14 +70,21 @@ def _leaf_items(images: Any, rows: Sequence[int]) -> tuple[Any, list[int]]:
     return images, list(rows)
 
 
-def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
+def content_digest(images: Any, cache: FeatureCache, dataset: str, rehash: bool = False) -> str:
     """Digest of the bytes behind a split's images, so replacing an image under the same name makes a new key.
 
     Files: each file's (size, mtime) is checked against a per-dataset index kept under the cache root
     (`_content/<dataset>.json`: path -> [size, mtime_ns, hash]); only files whose size or mtime changed are
-    read and hashed again, so a warm index costs one stat per file. In-memory arrays (CIFAR) are hashed
-    whole (once per source object). Other sources (procedural images) give "" (their identifiers and
-    parameters already fix their pixels)."""
+    read and hashed again, so a warm index costs one stat per file. That misses a file rewritten with its size
+    and mtime kept (`cp -p`, `rsync -t`): `rehash` (data.content_check=hash, `tailclip verify-data --hash`)
+    reads and hashes every file again and corrects the index. In-memory arrays (CIFAR) are hashed whole (once
+    per source object). Other sources (procedural images) give "" (their identifiers and parameters already fix
+    their pixels)."""
+    return _content(images, cache, dataset, rehash)[0]
+
+
+def _content(images: Any, cache: FeatureCache, dataset: str, rehash: bool) -> tuple[str, int]:
+    """(content digest, files whose stored hash was stale although their size and mtime matched)."""
     from ..data.base import ArrayImages, FileImages
 
     src, rows = _leaf_items(images, range(len(images)))
@@ -88,9 +95,9 @@ def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
             src._tailclip_content = memo
         h = hashlib.blake2b(memo.encode(), digest_size=16)
         h.update(json.dumps(rows).encode())
-        return h.hexdigest()
+        return h.hexdigest(), 0
     if not isinstance(src, FileImages):
-        return ""
+        return "", 0
     index_path = cache.root / INDEX_DIR / f"{hashlib.sha256(dataset.encode()).hexdigest()[:8]}-{dataset[:40]}.json"
     with _index_lock:
         index = _indexes.get(index_path)
@@ -101,7 +108,7 @@ def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
                 index = {}
             _indexes[index_path] = index
         h = hashlib.blake2b(digest_size=16)
-        changed = 0
+        changed = stale = 0
         for i in rows:
             path = os.path.abspath(src.ident(i))
             try:
@@ -110,10 +117,15 @@ def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
                 h.update(f"{path}\0missing\0".encode())
                 continue
             entry = index.get(path)
-            if entry is None or entry[0] != st.st_size or entry[1] != st.st_mtime_ns:
-                entry = [st.st_size, st.st_mtime_ns, _file_hash(path)]
-                index[path] = entry
-                changed += 1
+            same_stat = entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns
+            if not same_stat or rehash:
+                new = [st.st_size, st.st_mtime_ns, _file_hash(path)]
+                if same_stat and new[2] != entry[2]:
+                    stale += 1
+                    log.warning("%s changed although its size and mtime did not; its features are re-extracted", path)
+                if new != entry:
+                    changed += 1
+                entry = index[path] = new
             h.update(f"{path}\0{entry[2]}\0".encode())
         if changed:
             try:
@@ -121,7 +133,14 @@ def content_digest(images: Any, cache: FeatureCache, dataset: str) -> str:
             except OSError as exc:  # a read-only cache still works, it just re-hashes next time
                 log.warning("could not update the content index %s: %s", index_path, exc)
             log.info("hashed %d changed or new image file(s) of %s", changed, dataset)
-    return h.hexdigest()
+    return h.hexdigest(), stale
+
+
+def rehash_dataset(task: Task, cache: FeatureCache) -> dict[str, int]:
+    """`tailclip verify-data --hash`: hash every image file of every split again; per split, how many files had
+    changed while keeping their size and mtime (their index entries are corrected, so stale features are not
+    reused)."""
+    return {name: _content(split.images, cache, task.name, rehash=True)[1] for name, split in task.splits.items()}
 
 
 @dataclass(frozen=True)
@@ -252,12 +271,14 @@ def split_features(
     num_workers: int = 0,
     on_bad_image: str = "error",
     cache: FeatureCache | str | None = None,
+    content_check: str = "stat",
 ) -> FeatureSet:
     """Features of `task`'s `split` under `view` ("eval" or "aug<k>"), from the cache or extracted into it.
 
     The set holds proj and pre_proj (float32) and each tap in `taps` (names from `backbone.tap_names()`:
     ViT (N, tokens, d), ResNet (N, C, H, W)) stored as `dtype` (float32 default; float16/bfloat16 halve the
-    disk). `transform` (an AugSpec) and `seed` choose the augmentation of "aug<k>" views."""
+    disk). `transform` (an AugSpec) and `seed` choose the augmentation of "aug<k>" views. `content_check`: how
+    the image files are known unchanged (`content_digest`: "stat" = size and mtime, "hash" = every file's bytes)."""
     device = torch.device(device)
     if bool(getattr(backbone, "hooks", None)):
         raise RuntimeError("a tuner is attached to the backbone: its features are not the frozen ones the cache keys")
@@ -276,7 +297,7 @@ def split_features(
         dataset=task.name,
         split=split,
         split_fingerprint=data_split.fingerprint(),
-        content=content_digest(data_split.images, cache, task.name),
+        content=content_digest(data_split.images, cache, task.name, rehash=content_check == "hash"),
         view=view,
         preprocess=backbone.preprocess.to_dict(),
         transform=desc,
@@ -386,7 +407,7 @@ def _run_settings(method: Any, ctx: Any, split: str) -> dict[str, Any]:
         method._warned_tte = True
     return {"device": ctx.device, "batch_size": cfg.eval.batch_size, "precision": cfg.eval.precision,
             "num_workers": cfg.data.num_workers, "on_bad_image": cfg.data.on_bad_image,
-            "cache": getattr(method.cfg, "feature_cache", None)}
+            "content_check": cfg.data.content_check, "cache": getattr(method.cfg, "feature_cache", None)}
 
 
 def method_features(method: Any, ctx: Any, split: str, view: str = "eval", taps: Sequence[str] = (),
@@ -424,7 +445,7 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
         log.warning("dataset %s has no split(s) %s; skipped", task.name, ", ".join(missing))
     settings = {"taps": taps, "dtype": dtype, "device": device, "batch_size": cfg.eval.batch_size,
                 "precision": cfg.eval.precision, "num_workers": cfg.data.num_workers,
-                "on_bad_image": cfg.data.on_bad_image, "cache": cache}
+                "on_bad_image": cfg.data.on_bad_image, "content_check": cfg.data.content_check, "cache": cache}
     sets = [split_features(backbone, task, s, **settings) for s in splits if s in task.splits]
     if views and "train" in task.splits:
         sets += split_views(backbone, task, "train", views, **settings).views
