@@ -98,3 +98,54 @@ def test_verify_data_names_bad_files(folder: Path) -> None:
     res = runner.invoke(app, ["verify-data", "image-folder", "--root", str(folder)])
     assert res.exit_code == 1
     assert "broken.png" in res.output
+
+
+def test_file_system_faults_and_bad_yaml_are_one_line(tmp_path) -> None:
+    """A read-only output folder, a not-a-folder path, a broken preset, a missing report folder: one line naming
+    the file, exit code 2, no traceback."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from tailclip.cli import app
+
+    runner = CliRunner()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: lift\ntrain: [oops\n")
+    res = runner.invoke(app, ["train", "-c", str(broken)])
+    assert res.exit_code == 2 and "is not valid YAML" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["report", str(tmp_path / "nope_dir")])
+    assert res.exit_code == 2 and "no such run or grid folder" in res.output
+    assert not (tmp_path / "report").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["eval", "--method", "zeroshot", "--output-dir", str(blocker / "runs")])
+    assert res.exit_code == 2 and str(blocker) in res.output and len(res.output.strip().splitlines()) == 1
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        res = runner.invoke(app, ["eval", "--method", "zeroshot", "--output-dir", str(ro)])
+        assert res.exit_code == 2 and "Permission denied" in res.output
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from typer.testing import CliRunner
+
+    from tailclip import io
+    from tailclip.cli import app
+
+    real = io.atomic_write
+
+    def full(path, write):
+        if path.name == "results.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(io, "atomic_write", full)
+    res = CliRunner().invoke(app, ["eval", "--method", "zeroshot", "--output-dir", str(tmp_path), "--name", "r",
+                                   "eval.plots=false"])
+    assert res.exit_code == 2 and "results.json: No space left on device" in res.output
+    assert not (tmp_path / "r" / "results.json").exists()
+    assert not list((tmp_path / "r").glob(".results.json*"))

@@ -32,6 +32,16 @@ def test_csv_row_with_an_empty_field_names_its_line(tmp_path: Path) -> None:
         build_task(DataConfig(name="csv", root=str(csv)))
 
 
+def test_csv_with_a_utf8_bom_is_read(tmp_path: Path) -> None:
+    """Spreadsheet exports start with a byte-order mark; the header is still 'path'."""
+    for i in range(2):
+        image(tmp_path / f"{i}.png")
+    csv = tmp_path / "data.csv"
+    csv.write_bytes("path,label,split\n0.png,cat,train\n1.png,dog,test\n".encode("utf-8-sig"))
+    task = build_task(DataConfig(name="csv", root=str(csv)))
+    assert task.classnames == ["cat", "dog"] and len(task.split("train")) == 1
+
+
 def test_empty_class_folders_and_untested_classes_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for split, cls, n in (("train", "a", 2), ("train", "b", 2), ("test", "a", 1)):
         for i in range(n):

@@ -253,7 +253,11 @@ def predict_files(run_dir: Path, paths: list[Path], topk: int = 5) -> list[dict[
             log.error("%s", exc)
             rows.append({"image": str(path), "error": str(exc)})
             continue
-        probs = method(x).logits.float().softmax(dim=-1)[0]
+        logits = method(x).logits.float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"{path}: the model of {run_dir} gives NaN or inf logits; no probabilities "
+                                     "to print")
+        probs = logits.softmax(dim=-1)[0]
         top = probs.topk(min(topk, probs.numel()))
         rows.append({
             "image": str(path),

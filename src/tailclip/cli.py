@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -69,6 +70,10 @@ def _print_summary(run_dir: Path) -> None:
     typer.echo(f"run folder: {run_dir}")
 
 
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                      errno.EISDIR, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
 def _guard(fn):
     """Turn user-facing errors into one clear line and exit code 2, instead of a stack trace."""
     import functools
@@ -78,6 +83,16 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except TailclipError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in FILE_SYSTEM_ERRORS:
+                raise
+            # a full disk, a file too large, a read-only or not-a-folder output or cache path: one line naming it
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+        except FloatingPointError as exc:  # NaN / inf logits: refused rather than reported
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
@@ -297,6 +312,9 @@ def report(
     from .report import report_runs
 
     _setup_logging()
+    missing = [str(p) for p in runs if not p.exists()]
+    if missing:
+        raise TailclipError(f"no such run or grid folder: {', '.join(missing)}")
     if out is None:
         one = len(runs) == 1 and runs[0].is_dir()
         base = runs[0] if one else Path(os.path.commonpath([p.resolve().parent for p in runs]))

@@ -217,7 +217,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (for example train.lr=0.01)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """The first line of a YAML error with its position, for one-line messages."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}{where}"
 
 
 def _nested(key: str, value: Any) -> dict:
@@ -294,7 +304,12 @@ def load_config(
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_reason(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         layers.append(loaded)

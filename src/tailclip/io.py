@@ -15,6 +15,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 
+def file_mode() -> int:
+    """The mode a newly written file gets under the process umask (mkstemp's temp files are 0600)."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it: the only portable way)."""
     mask = os.umask(0)
@@ -30,7 +35,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; written files follow the umask like any other
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; written files follow the umask like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -130,7 +130,7 @@ def build_csv(cfg: DataConfig) -> Task:
     path = require_root(cfg, hint)
     if not path.is_file():
         raise DataError(f"dataset 'csv': root {path} must be the CSV file itself. {hint}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f)
         fields = [h.strip() for h in reader.fieldnames or []]
         if "path" not in fields or "label" not in fields:

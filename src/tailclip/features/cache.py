@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import ConfigError, UnknownNameError
-from ..io import write_json
+from ..io import file_mode, write_json
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,7 @@ class _TensorFileWriter:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
+        os.chmod(self.tmp, file_mode())  # mkstemp makes 0600: a shared cache must be readable by its other users
         os.replace(self.tmp, self.path)
         return {"file": self.path.name, "shape": [self.rows, *self.row_shape],
                 "dtype": str(self.dtype).removeprefix("torch."), "checksum": self.hash.hexdigest()}
