@@ -201,3 +201,18 @@ def test_transductive_predicts_in_the_released_batch_of_100(tiny_backbone, monke
         whole = m({"proj": x}).logits
         chunks = torch.cat([m({"proj": x[i:i + 100]}).logits for i in range(0, 256, 100)])
     assert not torch.allclose(whole, chunks, atol=1e-4)
+
+
+def test_results_record_the_tte_actually_applied(tiny_backbone) -> None:
+    """eval.tte=five_crop on a method that predicts from cached eval-view features is recorded as not applied."""
+    from pathlib import Path
+
+    from tailclip.api import protocol_record
+    from tailclip.config import load_config
+    from tailclip.data.base import Task
+    from tailclip.methods.base import FitContext
+
+    cfg = load_config(None, ["method=candle", "eval.tte=five_crop"])
+    ctx = FitContext(cfg, Task("t", NAMES, ["{}"], {}), Path("."), torch.device("cpu"))
+    rec = protocol_record(_model(tiny_backbone), ctx)
+    assert rec["tte"] == "none" and rec["tte_requested"].startswith("five_crop (not applied")

@@ -83,8 +83,12 @@ def protocol_record(method: Method, ctx: FitContext) -> dict[str, Any]:
                        precision=train.precision)
     if "test_base" in ctx.task.meta.get("label_spaces", {}):
         choices["base_scoring"] = ctx.cfg.eval.base_scoring
+    # the test-time ensembling actually applied: feature methods read cached eval-view features and skip it
+    choices["tte"] = ctx.cfg.eval.tte if method.inputs == "images" else "none"
+    if choices["tte"] != ctx.cfg.eval.tte:
+        choices["tte_requested"] = f"{ctx.cfg.eval.tte} (not applied: {method.name} predicts from cached features)"
     own = {f"{method.name}.{k}": v for k, v in method.protocol().items()}
-    differs = [f"{k}={v}" for k, v in choices.items() if v != PROTOCOL_DEFAULTS[k]
+    differs = [f"{k}={v}" for k, v in choices.items() if k in PROTOCOL_DEFAULTS and v != PROTOCOL_DEFAULTS[k]
                and not (k == "precision" and v in ("amp", "amp_bf16"))]
     differs += [f"{k}={v}" for k, v in own.items()]
     return {**choices, **own, "differs": ", ".join(differs)}
