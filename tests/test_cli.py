@@ -149,3 +149,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch) 
     assert res.exit_code == 2 and "results.json: No space left on device" in res.output
     assert not (tmp_path / "r" / "results.json").exists()
     assert not list((tmp_path / "r").glob(".results.json*"))
+
+
+def test_help_speaks_to_users_and_list_lines_are_whole_sentences() -> None:
+    from typer.testing import CliRunner
+
+    from tailclip.cli import app
+
+    runner = CliRunner()
+    assert "configures logging" not in runner.invoke(app, ["--help"]).output
+    for what in ("methods", "datasets"):
+        lines = runner.invoke(app, ["list", what]).output.strip().splitlines()
+        cut = [ln for ln in lines if not ln.rstrip().endswith((".", ")"))]
+        assert not cut, cut

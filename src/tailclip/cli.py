@@ -1,4 +1,5 @@
 """`tailclip train|eval|predict|extract|list|verify-data|report|table|demo`. Only the CLI configures logging."""
+# (the module docstring is for developers; users see HELP)
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import typer
 
 from .errors import TailclipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = ("tailclip: adapt CLIP-style models to long-tailed and few-shot image recognition. Start with "
+        "`tailclip demo`; `tailclip list methods|datasets|models|templates` shows what is available, and every "
+        "command's --help its options. Options are key=value overrides after the command (train.lr=0.02).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+def summary_line(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (docstrings wrap mid-sentence)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in first.splitlines())
 log = logging.getLogger("tailclip")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML preset (configs/...)")]
@@ -222,8 +232,7 @@ def list_(what: Annotated[str, typer.Argument(help="datasets | models | methods 
         from .data.registry import DATASETS
 
         for name, builder in DATASETS.items():
-            doc = (builder.__doc__ or "").strip().splitlines()
-            typer.echo(f"{name:<18} {doc[0] if doc else ''}")
+            typer.echo(f"{name:<18} {summary_line(builder.__doc__)}")
     elif what == "models":
         from .backbones import list_models
 
@@ -233,8 +242,7 @@ def list_(what: Annotated[str, typer.Argument(help="datasets | models | methods 
         from .methods import METHODS
 
         for name, cls in METHODS.items():
-            doc = (cls.__doc__ or "").strip().splitlines()
-            typer.echo(f"{name:<14} {doc[0] if doc else ''}")
+            typer.echo(f"{name:<14} {summary_line(cls.__doc__)}")
     elif what == "templates":
         from .data.templates import TEMPLATE_SETS
 

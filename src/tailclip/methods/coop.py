@@ -18,6 +18,8 @@ Base-to-new tasks (`info.base_classes`): training prompts cover the base classes
 as CoCoOp's `SUBSAMPLE_CLASSES base`; evaluation encodes every class and the orchestrator scores base images
 among base classes and new among new (`label_spaces`). Padding after the last end-of-text token is dropped
 before the text tower: with its causal mask that leaves the pooled features unchanged.
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/coop.md.
 """
 
 from __future__ import annotations

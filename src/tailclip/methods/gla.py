@@ -20,6 +20,8 @@ under gla.fitted_on.
 
 `wise_ft`: weight interpolation between a fine-tuned run and its zero-shot starting point (see
 `tailclip.posthoc.wise_ft` for when that is meaningful).
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/gla.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ Resize(S + 3p/2) (248 for ViT-B/16, 245 for ViT-L/14); see `data/transforms.py`.
 LIFT+ options are explicit switches (see `configs/lift/lift_plus_*.yaml`), never mixed in silently:
 `crop=square_schedule` (square crops whose minimum scale grows linearly from `crop_min_scale` to 1 over the
 epochs), `flip=false`, `interpolation=bicubic`; the 5 epochs at lr 0.02 are train options in the preset.
-The square-crop schedule is our reading of LIFT+'s minimalist augmentation, offered as a named option."""
+The square-crop schedule is our reading of LIFT+'s minimalist augmentation, offered as a named option.
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/lift.md."""
 
 from __future__ import annotations
 

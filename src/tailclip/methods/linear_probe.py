@@ -7,6 +7,8 @@ float32 (no sklearn): a solver, not SGD training. `head: linear | cosine` trains
 (text-initialised) on the cached features with the engine's trainer (`cfg.train`: optimizer, schedule,
 selection, resume, metrics.csv) and a CE / LA / balanced-softmax loss: seconds instead of hours, because the
 backbone never runs during training.
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/linear_probe.md.
 """
 
 from __future__ import annotations

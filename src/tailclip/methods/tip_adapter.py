@@ -19,6 +19,8 @@ Selection follows `train.select_on` like every method:
   epoch on the TEST split at the initial alpha/beta, and the better of that test accuracy and the searched one
   kept (its `max(best_acc, acc)`). Datasets without a val split (ImageNet): alpha/beta searched on the TEST split
   too, for both methods. results.json's "selection" records every such choice with `selected_on_test`.
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/tip_adapter.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Zero-shot CLIP with prompt ensembles: logits = scale · cos(f_img, w_c)."""
+"""Zero-shot CLIP with prompt ensembles: logits = scale · cos(f_img, w_c).
+
+Equations, the released protocol, the named options and every deliberate difference: docs/methods/zeroshot.md."""
 
 from __future__ import annotations
 
