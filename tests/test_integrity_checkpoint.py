@@ -55,7 +55,7 @@ def test_predict_after_the_dataset_root_moved(trained: tuple[Path, Path], tmp_pa
     assert meta["task"]["classnames"] == ["class_0", "class_1", "class_2"] and meta["backbone_fingerprint"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-safetensors", "wrong-shape", "bad-json"])
+@pytest.mark.parametrize("damage", ["truncated", "not-safetensors", "wrong-shape", "bad-json", "flipped-bytes"])
 def test_damaged_checkpoint_is_one_named_line(trained: tuple[Path, Path], tmp_path: Path, damage: str) -> None:
     run, image = trained
     copy = tmp_path / "run"
@@ -73,6 +73,12 @@ def test_damaged_checkpoint_is_one_named_line(trained: tuple[Path, Path], tmp_pa
         state[name] = torch.zeros(*[d + 1 for d in state[name].shape])
         save_file(state, str(weights))
         expect = f"checkpoint {weights}: its tensors do not fit method 'lift' as configured ({name} is"
+    elif damage == "flipped-bytes":  # a few bytes of tensor data scrambled: the file still parses and fits
+        data = bytearray(weights.read_bytes())
+        for i in range(len(data) - 64, len(data) - 32):
+            data[i] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        expect = f"checkpoint {weights} is damaged: its bytes do not match the checksum"
     else:
         (copy / "checkpoint.json").write_text('{"task": ')
         expect = f"checkpoint description {copy / 'checkpoint.json'} is damaged: not valid JSON"
@@ -81,3 +87,20 @@ def test_damaged_checkpoint_is_one_named_line(trained: tuple[Path, Path], tmp_pa
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all", b"PK\x03\x04" + b"\x00" * 40])
+def test_damaged_resume_state_is_one_named_line(tmp_path: Path, content: bytes) -> None:
+    from tailclip.engine.checkpoint import load_resume_state
+    from tailclip.errors import TailclipError
+
+    path = tmp_path / "resume.pt"
+    path.write_bytes(content)
+    with pytest.raises(TailclipError, match=f"^{path}: the resume state is damaged"):
+        load_resume_state(path, "fp")
+    torch.save({"version": 2, "fingerprint": "fp"}, path)
+    good = load_resume_state(path, "fp")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated mid-file
+    with pytest.raises(TailclipError, match="the resume state is damaged"):
+        load_resume_state(path, "fp")
+    assert good["fingerprint"] == "fp"

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import random
 import struct
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,7 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
     if not distributed.is_main_process():
         return path
     atomic_save_tensors(path, state)
+    checksum = file_checksum(path)
     info = ctx.task.info()
     meta = {
         "method": ctx.cfg.method,
@@ -67,9 +70,19 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
         "trainable_params": method.num_trainable(),
         "active_head": method.active_head,  # the head selection chose (methods with eval_heads), else null
         "tensors": {k: list(v.shape) for k, v in state.items()},
+        "weights_checksum": checksum,  # blake2b of checkpoint.safetensors: scrambled bytes are refused on load
     }
     atomic_write_text(ctx.run_dir / META, json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def file_checksum(path: Path) -> str:
+    """blake2b (128 bits) of a file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
@@ -158,6 +171,10 @@ def load_checkpoint(method: Method, run_dir: Path) -> None:
     meta = read_meta(run_dir)
     state = read_weights(path)
     _check_fits(method, state, path)
+    want = meta.get("weights_checksum")
+    if want and file_checksum(path) != want:  # bytes scrambled inside a file that still parses and fits
+        raise TailclipError(f"checkpoint {path} is damaged: its bytes do not match the checksum in {META} (the file "
+                            "changed after the run wrote it); train the run again")
     method.load_checkpoint_state(state)
     head = meta.get("active_head")
     if head is not None:
@@ -230,7 +247,15 @@ def find_resume_state(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def load_resume_state(path: Path, fingerprint: str) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, AttributeError, TypeError,
+            IndexError, UnicodeDecodeError, zipfile.BadZipFile) as exc:  # a truncated or scrambled torch.save file
+        raise TailclipError(f"{path}: the resume state is damaged ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); delete it to start the "
+                            "run again, or --overwrite") from None
+    if not isinstance(state, dict):
+        raise TailclipError(f"{path}: the resume state is damaged (not a dict)")
     if state.get("version") != RESUME_VERSION:
         raise TailclipError(f"{path}: resume state version {state.get('version')} is not {RESUME_VERSION}")
     if state.get("fingerprint") != fingerprint:
