@@ -40,7 +40,19 @@ def test_reused_names_refused_resume_and_failed_runs(tmp_path: Path, tiny_vit_js
     res = runner.invoke(app, ["train", "--method", "zeroshot", *common, "--resume", "auto", "train.epochs=3"])
     assert res.exit_code == 2
     assert "different configuration" in res.output and str(run / "config.yaml") in res.output
+    assert "train.epochs: 10 -> 3" in res.output  # the differing key is named
     assert snapshot(run) == before
+
+    # the same folder given relative instead of absolute is the same run (resume accepted, not refused)
+    import os
+
+    from tailclip.config import load_config
+    from tailclip.engine.checkpoint import resume_fingerprint
+
+    rel = os.path.relpath(data)
+    same = [load_config(None, ["method=zeroshot", f"data.root={root}", "data.name=image-folder"]) for root in
+            (str(data), rel)]
+    assert resume_fingerprint(same[0]) == resume_fingerprint(same[1])
 
     # --overwrite replaces the folder: one log, the new config
     res = runner.invoke(app, ["eval", "--method", "zeroshot", *common, "--overwrite", "eval.splits=[test]"])

@@ -184,16 +184,33 @@ def load_checkpoint(method: Method, run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 # resume state
 # ------------------------------------------------------------------------------------------------------
-def resume_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that changes the result of training; a resume state only continues the same run.
-    Bookkeeping keys (TensorBoard, resume frequency, workers, device, eval options) are left out."""
+def resume_key(cfg: RunConfig) -> dict[str, Any]:
+    """Everything that changes the result of training, flattened to "section.key" entries: bookkeeping keys
+    (TensorBoard, resume frequency, workers, device, eval options) are left out, and data.root is the resolved
+    absolute folder, so `--root data` and the same folder's absolute path are one run."""
     d = config_to_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("tensorboard", "resume_every_steps",
                                                                "resume_every_minutes")}
     data = {k: v for k, v in d["data"].items() if k != "num_workers"}
-    key = {"method": d["method"], "method_config": d.get(cfg.method.replace("-", "_")), "model": d["model"]["name"],
-           "data": data, "train": train}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if data.get("root"):
+        data["root"] = str(Path(data["root"]).expanduser().resolve())
+    key = {"method": d["method"], "model": d["model"]["name"]}
+    key.update({f"{cfg.method}.{k}": v for k, v in (d.get(cfg.method.replace("-", "_")) or {}).items()})
+    key.update({f"data.{k}": v for k, v in data.items()})
+    key.update({f"train.{k}": v for k, v in train.items()})
+    return key
+
+
+def resume_fingerprint(cfg: RunConfig) -> str:
+    """Hash of `resume_key`; a resume state only continues the same run."""
+    return hashlib.sha256(json.dumps(resume_key(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_differences(theirs: RunConfig, mine: RunConfig) -> list[str]:
+    """"key: theirs -> mine" for every entry of `resume_key` in which two configurations differ."""
+    a, b = resume_key(theirs), resume_key(mine)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def rng_state() -> dict[str, Any]:

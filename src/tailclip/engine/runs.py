@@ -27,7 +27,7 @@ from ..config import DataConfig, RunConfig, dump_config, load_config
 from ..errors import ConfigError, TailclipError
 from ..io import write_json
 from . import distributed
-from .checkpoint import RESUME, WEIGHTS, read_weights, resume_fingerprint
+from .checkpoint import RESUME, WEIGHTS, read_weights, resume_differences, resume_fingerprint
 
 if TYPE_CHECKING:
     from ..data.base import Task
@@ -122,10 +122,11 @@ class RunDir:
         except (TailclipError, OSError, ValueError) as exc:
             raise TailclipError(f"{config}: cannot be read to check the resume ({exc})") from None
         if resume_fingerprint(theirs) != resume_fingerprint(cfg):
+            diff = "; ".join(resume_differences(theirs, cfg)[:5])
             raise TailclipError(
-                f"resume={cfg.resume}: {config} describes a run with a different configuration (method, model, data "
-                "or train options changed); resume only continues the same run. Nothing was changed; start a new "
-                "run with another --name, or replace it with --overwrite"
+                f"resume={cfg.resume}: {config} describes a run with a different configuration ({diff}); resume only "
+                "continues the same run. Nothing was changed; start a new run with another --name, or replace it "
+                "with --overwrite"
             )
 
     @classmethod
