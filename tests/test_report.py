@@ -134,6 +134,17 @@ def test_the_protocol_a_run_used_is_a_column(tmp_path: Path) -> None:
     assert "protocol" in only["report.md"].read_text()
 
 
+def test_failed_and_running_runs_are_listed_with_their_state(tmp_path: Path) -> None:
+    write_run(tmp_path / "good")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "status.json").write_text(json.dumps({"status": "failed", "error": "DataError: gone"}))
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "status.json").write_text(json.dumps({"status": "running"}))
+    files = report_runs([tmp_path / n for n in ("good", "failed", "killed")], tmp_path / "out", plots=False)
+    text = files["report.md"].read_text()
+    assert "failed: DataError: gone" in text and "unfinished (running, or killed)" in text
+
+
 def test_every_row_says_which_split_its_top1_is_from(tmp_path: Path) -> None:
     """A base-to-new run without a test split has val top-1 at the top level: the report names the split."""
     write_run(tmp_path / "b2n", method="candle", splits=("val", "test_base", "test_new"), counts=None,

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.json"  # the names engine.runs writes (not imported: tables must not need torch)
 CONFIG = "config.yaml"
+STATUS = "status.json"
 METRICS_CSV = "metrics.csv"
 GRID_JSON = "grid.json"
 REPORT_MD = "report.md"  # a report folder (skipped when a folder of runs is expanded)
@@ -151,15 +152,28 @@ def train_seconds(path: Path, results: dict[str, Any]) -> float | None:
     return float(sum(times)) if times else None
 
 
+def _status(path: Path) -> dict[str, Any]:
+    """status.json of a run folder ({} when absent or unreadable: runs written before it existed)."""
+    try:
+        status = json.loads((path / STATUS).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def read_run(path: Path, label: str | None = None) -> Run | Problem:
     """A finished run, or the reason it is not one (never raises for a bad folder)."""
     path = Path(path)
     res_path = path / RESULTS
     if not path.is_dir():
         return Problem(path, "does not exist" if not path.exists() else "not a folder")
+    status = _status(path)
+    if status.get("status") == "failed":  # (a failed run may have left an older results.json behind)
+        return Problem(path, f"failed: {status.get('error') or 'no error recorded'}")
     if not res_path.is_file():
         last = _last_log_line(path)
-        what = "unfinished or failed: no results.json"
+        what = ("unfinished (running, or killed): no results.json" if status.get("status") == "running"
+                else "unfinished or failed: no results.json")
         return Problem(path, what + (f"; log.txt ends with: {last}" if last else ""))
     try:
         results = json.loads(res_path.read_text())
