@@ -136,10 +136,10 @@ def test_the_protocol_a_run_used_is_a_column(tmp_path: Path) -> None:
 
 def test_failed_and_running_runs_are_listed_with_their_state(tmp_path: Path) -> None:
     write_run(tmp_path / "good")
-    (tmp_path / "failed").mkdir()
-    (tmp_path / "failed" / "status.json").write_text(json.dumps({"status": "failed", "error": "DataError: gone"}))
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "killed" / "status.json").write_text(json.dumps({"status": "running"}))
+    for name, status in (("failed", {"status": "failed", "error": "DataError: gone"}), ("killed", {"status": "running"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("method: lift\n")
+        (tmp_path / name / "status.json").write_text(json.dumps(status))
     files = report_runs([tmp_path / n for n in ("good", "failed", "killed")], tmp_path / "out", plots=False)
     text = files["report.md"].read_text()
     assert "failed: DataError: gone" in text and "unfinished (running, or killed)" in text

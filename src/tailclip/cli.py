@@ -321,7 +321,7 @@ def report(
 
     _setup_logging()
     missing = [str(p) for p in runs if not p.exists()]
-    if missing:
+    if len(missing) == len(runs):  # nothing to report (some missing among others: listed under the table)
         raise TailclipError(f"no such run or grid folder: {', '.join(missing)}")
     if out is None:
         one = len(runs) == 1 and runs[0].is_dir()
