@@ -104,3 +104,17 @@ def test_damaged_resume_state_is_one_named_line(tmp_path: Path, content: bytes) 
     with pytest.raises(TailclipError, match="the resume state is damaged"):
         load_resume_state(path, "fp")
     assert good["fingerprint"] == "fp"
+
+
+def test_predict_with_a_zero_shot_run(trained: tuple[Path, Path], tiny_vit_json: Path, tmp_path: Path) -> None:
+    """A zero-shot run has no checkpoint and needs none: predict rebuilds it from its config."""
+    run, image = trained
+    data = run.parent.parent / "data"
+    res = CliRunner().invoke(app, ["eval", "--method", "zeroshot", "--dataset", "image-folder", "--root", str(data),
+                                   "--model", f"json:{tiny_vit_json}", "--output-dir", str(tmp_path), "--name", "zs",
+                                   "eval.plots=false"])
+    assert res.exit_code == 0, res.output
+    res = predict(tmp_path / "zs", image)
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output.strip().splitlines()[-1])
+    assert len(line["predictions"]) == 3 and abs(sum(p["prob"] for p in line["predictions"]) - 1) < 1e-5

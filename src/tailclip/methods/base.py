@@ -109,6 +109,8 @@ class Method(nn.Module, ABC):
     inputs: ClassVar[str] = "images"  # "images": runs the backbone per batch; "features": trains from the cache
     select_among: ClassVar[tuple[str, ...]] = ("epochs",)  # what train.select_on may choose: "epochs", "heads"
     paper_protocol: ClassVar[str] = ""  # the released code's test-set selection (train.select_on=paper); "": none
+    # True when config + task fully determine the method (nothing fitted or trained): its runs need no checkpoint
+    stateless: ClassVar[bool] = False
     # the method's fixed training recipe as defaults of the shared train.* keys (config.METHOD_TRAIN_DEFAULTS)
     train_defaults: ClassVar[dict[str, Any]] = {}
 

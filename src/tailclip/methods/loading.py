@@ -35,5 +35,6 @@ def load_trained(run_dir: Path, overrides: list[str] | None = None) -> tuple[Run
     cfg = load_config(run_dir / "config.yaml", list(overrides or []))
     device = resolve_device(cfg.device)
     task, method = build(cfg, device)
-    load_checkpoint(method, run_dir)
+    if not method.stateless:  # (zero-shot CLIP is rebuilt whole from its config)
+        load_checkpoint(method, run_dir)
     return cfg, task, method, device

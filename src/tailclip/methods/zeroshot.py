@@ -29,6 +29,7 @@ class ZeroShot(Method):
     """Frozen CLIP; the classifier is the prompt ensemble of the task's templates. Nothing trains."""
 
     Config = ZeroShotConfig
+    stateless = True
 
     def __init__(self, cfg: ZeroShotConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
