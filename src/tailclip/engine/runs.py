@@ -100,7 +100,8 @@ class RunDir:
             shutil.rmtree(self.path)
         elif used and cfg.resume is None:
             raise TailclipError(f"run folder {self.path} already exists; pass --resume auto to continue that run, "
-                                "--overwrite to replace it, or another --name")
+                                "--overwrite to replace it, or another --name (from Python: resume=auto, "
+                                "api.run(cfg, overwrite=True), or run_name=...)")
         elif used:
             self._check_resumable(cfg)
         elif cfg.resume == "auto":
