@@ -2,7 +2,7 @@
 library runs (GLA's temperature + prior fit and debiasing, the linear probe's C search and final fit,
 Tip-Adapter's alpha/beta search). Prints one JSON line per step. Not part of the test suite.
 
-    python benchmarks/frozen_methods.py [--scale 1.0] [--steps gla,probe,tip] [--probe KEY=VALUE ...]
+    python benchmarks/frozen_methods.py [--scale 1.0] [--steps gla,probe,tip] [--probe KEY=VALUE ...] [--device cuda]
 
 The probe runs linear_probe's own defaults (CoOp's C grid and 8 bisections, every train row) unless `--probe`
 overrides its options, e.g. `--probe search_rows=8192 search_max_iter=40 tol=1e-4` (the subsampled search); its
@@ -66,7 +66,9 @@ def main() -> None:
     ap.add_argument("--steps", default="gla,probe,tip")
     ap.add_argument("--probe", nargs="*", default=[], help="linear_probe options as KEY=VALUE (c_grid as a,b,c)")
     ap.add_argument("--tip-grid", default="200,20", help="released search_step [beta, alpha]")
+    ap.add_argument("--device", default="cpu", help="where the features live (cuda: the methods run on the GPU)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     size = {k: max(int(v * args.scale), FULL["classes"]) if k in ("train", "val", "test") else v
             for k, v in FULL.items()}
     c, d = size["classes"], size["dim"]
@@ -76,8 +78,10 @@ def main() -> None:
     y_tr = torch.repeat_interleave(torch.arange(c), torch.as_tensor(lt_counts(size["train"], c)))
     y_val = torch.arange(size["val"]) % c
     y_te = torch.arange(size["test"]) % c
-    x_tr, x_val, x_te = (features(len(y), y, centers, g) for y in (y_tr, y_val, y_te))
-    common = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+    x_tr, x_val, x_te = (features(len(y), y, centers, g).to(device) for y in (y_tr, y_val, y_te))
+    y_tr, y_val, y_te, text = y_tr.to(device), y_val.to(device), y_te.to(device), text.to(device)
+    common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
               "torch": torch.__version__, **{f"n_{k}": v for k, v in size.items()}}
     print(json.dumps({"setup": common}), flush=True)
     steps = args.steps.split(",")

@@ -9,7 +9,7 @@ Prints one JSON line per (model, device, precision). Not part of the test suite.
         [--methods lift,sage,sage+fit] [--devices cpu,cuda] [--workers 0] [--batch-tiny 128] [--batch-vit 32]
 
 `sage` is the SG-Adapter with the CF loss and no FIT; `sage+fit` adds FIT's frozen forward of the same crop (Sage's
-price). Every method trains on the same batches.
+price); `ldc` trains LDC's adapters on a live frozen forward with taps. Every method trains on the same batches.
 
 Data comes from the synthetic `synth-lt` task (rendered once, cached; see `synthetic/world_cache.py`) with LIFT's
 RandomResizedCrop + flip to the model's input size; JPEG decoding is measured by benchmarks/data_throughput.py.
@@ -43,6 +43,8 @@ METHODS = {  # name -> overrides (crops >= 50 % of the area, as the demo's rows)
     "lift": ["method=lift", "lift.crop_min_scale=0.5"],
     "sage": ["method=sage", "sage.crop_min_scale=0.5", "sage.fit=false"],
     "sage+fit": ["method=sage", "sage.crop_min_scale=0.5", "sage.fit=true"],
+    # LDC on a live frozen forward of fresh crops (its released training; the cache path is measured by extraction)
+    "ldc": ["method=ldc", "ldc.inputs=images"],
 }
 
 

@@ -1,10 +1,10 @@
-"""Forward speed of tailclip's ViT tower vs open_clip's `encode_image` on a random-weight ViT-B-16.
+"""Forward speed of tailclip's image tower vs open_clip's `encode_image` on random weights (ViT-B-16, RN50 ...).
 
-CPU, batch 8, 224 px, fp32 and bf16 autocast; images/s from the median of several interleaved timed runs
-after warm-up, and the max abs difference of the projected features.
+CPU (default) or CUDA, batch 8, 224 px, fp32 and bf16 autocast; images/s from the median of several interleaved
+timed runs after warm-up, and the max abs difference of the projected features.
 Prints one JSON line. Timings on a shared machine are noisy: compare the two numbers of one run.
 
-    python benchmarks/vit_forward.py [--arch ViT-B-16] [--batch 8] [--runs 5] [--threads N]
+    python benchmarks/vit_forward.py [--arch ViT-B-16] [--batch 8] [--runs 5] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -42,28 +42,36 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    backbone = create_backbone(f"{args.arch}@none")
+    backbone = create_backbone(f"{args.arch}@none", device=device)
     size = backbone.preprocess.image_size
-    images = torch.randn(args.batch, 3, size, size)
+    images = torch.randn(args.batch, 3, size, size, device=device)
     result: dict[str, object] = {
         "arch": args.arch, "batch": args.batch, "image_size": size, "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
     }
+
+    def sync(out: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
     for precision in ("fp32", "bf16"):
         autocast = precision == "bf16"
 
         def ours(autocast: bool = autocast) -> torch.Tensor:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return backbone.encode_image(images).proj
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return sync(backbone.encode_image(images).proj)
 
         def theirs(autocast: bool = autocast) -> torch.Tensor:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return backbone.model.encode_image(images)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return sync(backbone.model.encode_image(images))
 
         diff = (ours().float() - theirs().float()).abs().max().item()
         t = _time_pair({"open_clip": theirs, "tailclip": ours}, args.runs, args.warmup)
