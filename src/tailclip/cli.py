@@ -219,8 +219,12 @@ def extract(
 
     _setup_logging()
     cfg = load_config(config, _overrides(None, dataset, model, root, None, None, overrides))
-    for path in extract_from_config(cfg, [s for s in splits.split(",") if s], views=views):
-        typer.echo(str(path))
+    from .engine import distributed
+
+    paths = extract_from_config(cfg, [s for s in splits.split(",") if s], views=views)
+    if distributed.is_main_process():
+        for path in paths:
+            typer.echo(str(path))
 
 
 @app.command("list")

@@ -346,6 +346,17 @@ class FeatureCache:
             log.warning("feature cache entry %s is stale (%s); it will be rebuilt", self.entry_dir(key), exc)
             return None
 
+    def build_key(self, key: CacheKey) -> CacheKey | None:
+        """None when `key`'s entry is complete; else the key a build must produce: `key`, or `key` with the stored
+        entry's other tensors added when it is extended (what get_or_build would build)."""
+        try:
+            self._read(key)
+            return None
+        except (FileNotFoundError, StaleCacheError):
+            return key
+        except IncompleteEntryError as exc:
+            return key.with_tensors({**exc.stored, **key.tensors})
+
     # ------------------------------------------------------------------ writing
     def get_or_build(self, key: CacheKey, build: Callable[[CacheKey], Iterable[dict[str, Tensor]]],
                      skipped: Callable[[], list[str]] | None = None) -> FeatureSet:

@@ -18,16 +18,20 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
+from ..engine import distributed
 from ..errors import ConfigError
-from ..io import write_json
+from ..io import atomic_save_tensors, write_json
 from .cache import BASE_TENSORS, STORAGE_DTYPES, CacheKey, FeatureCache, FeatureSet, storage_dtype
 
 if TYPE_CHECKING:
@@ -54,8 +58,6 @@ def _file_hash(path: str) -> str:
 
 def _array_hash(array: Any) -> str:
     """Hash of an in-memory image array's bytes."""
-    import numpy as np
-
     data = np.ascontiguousarray(array)
     return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
 
@@ -311,23 +313,80 @@ def split_features(
     dataset = images if k is None else SeededViewImages(images, seed, k)
     seen: list[Tensor] = []
 
-    def build(build_key: CacheKey) -> Iterator[dict[str, Tensor]]:
+    def build(build_key: CacheKey, rows: np.ndarray | None = None) -> Iterator[dict[str, Tensor]]:
+        """Batches of features of every image (or of `rows`, positions in the split, under torchrun)."""
         seen.clear()
         wanted = {n: STORAGE_DTYPES[d] for n, d in build_key.tensors.items() if n not in BASE_TENSORS}
+        source = dataset if rows is None else torch.utils.data.Subset(dataset, rows.tolist())
         # its own generator: creating the iterator draws a worker seed, which must not come from the global RNG a
         # training run uses (a cold and a warm cache would otherwise train differently)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                              collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                                              generator=torch.Generator())
         for batch in _batches(backbone, loader, device, precision, wanted, f"features {task.name}/{split}/{view}"):
             seen.append(batch["indices"])
             yield batch
 
-    def skipped() -> list[str]:  # from the rows themselves: DataLoader workers' `bad` lists never come back
-        kept = set(torch.cat(seen).tolist()) if seen else set()
+    def left_out(kept: set[int]) -> list[str]:  # from the rows themselves: workers' `bad` lists never come back
         return sorted(data_split.images.ident(i) for i in range(len(data_split)) if i not in kept)
 
-    return cache.get_or_build(key, build, skipped=skipped)
+    if distributed.world_size() > 1:
+        return _sharded_get_or_build(cache, key, build, left_out, len(dataset), batch_size)
+    return cache.get_or_build(key, build, skipped=lambda: left_out(set(torch.cat(seen).tolist()) if seen else set()))
+
+
+def batch_block(n: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """The rows rank `rank` extracts under torchrun: a contiguous block of whole batches of the single-process
+    order, so every batch the tower sees is the one a single process sees (bit-identical features)."""
+    batches = np.array_split(np.arange(-(-n // batch_size)), world)[rank]
+    if not len(batches):
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(int(batches[0]) * batch_size, min(n, (int(batches[-1]) + 1) * batch_size))
+
+
+def _sharded_get_or_build(cache: FeatureCache, key: CacheKey,
+                          build: Callable[[CacheKey, np.ndarray], Iterator[dict[str, Tensor]]],
+                          left_out: Callable[[set[int]], list[str]], n: int, batch_size: int) -> FeatureSet:
+    """Extraction on every rank of a torchrun job: each extracts its `batch_block` into a shard file in the entry's
+    folder, then rank 0 assembles the entry (atomically, manifest last, as a single process would) from the shards
+    in rank order and removes them. A rank that dies leaves shard files, never an entry: the next build removes
+    them with any other stray file of the folder."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if distributed.broadcast_object(key.digest()) != key.digest():
+        raise RuntimeError(f"rank {rank} computes another feature cache key than rank 0 for {key.dataset}/{key.split} "
+                           "(different weights, data or options on each rank)")
+    plan = (cache.build_key(key), uuid.uuid4().hex[:8]) if rank == 0 else None
+    build_key, build_id = distributed.broadcast_object(plan)
+    if build_key is not None:
+        folder = cache.entry_dir(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = [{k: v.detach().cpu() for k, v in batch.items()}
+                 for batch in build(build_key, batch_block(n, batch_size, rank, world))]
+        shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        atomic_save_tensors(folder / f"shard-{build_id}-r{rank}.safetensors", shard)
+        distributed.barrier()
+        if rank == 0:
+            shards = [folder / f"shard-{build_id}-r{r}.safetensors" for r in range(world)]
+
+            kept: set[int] = set()
+
+            def assemble(_: CacheKey) -> Iterator[dict[str, Tensor]]:
+                for path in shards:
+                    tensors = load_file(str(path))
+                    if tensors:
+                        kept.update(tensors["indices"].tolist())
+                        yield tensors
+
+            try:
+                cache.get_or_build(build_key, assemble, skipped=lambda: left_out(kept))
+            finally:
+                for path in shards:
+                    path.unlink(missing_ok=True)
+        distributed.barrier()
+    hit = cache.load(key)
+    if hit is None:
+        raise RuntimeError(f"feature cache entry {cache.entry_dir(key)} was not written by the sharded extraction")
+    return hit
 
 
 @dataclass
@@ -436,6 +495,8 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
     from ..engine.evaluate import resolve_device
 
     device = resolve_device(cfg.device)
+    distributed.init_distributed(device)  # under torchrun every rank extracts its share (`_sharded_get_or_build`)
+    torch.manual_seed(cfg.train.seed)  # as a run builds its backbone: random-weight models are the same on every rank
     backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
                                memory_format=cfg.model.memory_format)
     task = build_task(cfg.data)
