@@ -158,7 +158,11 @@ def test_help_speaks_to_users_and_list_lines_are_whole_sentences() -> None:
 
     runner = CliRunner()
     assert "configures logging" not in runner.invoke(app, ["--help"]).output
-    for what in ("methods", "datasets"):
+    from tailclip.data.registry import DATASETS
+    from tailclip.methods import METHODS
+
+    ours = {n for reg in (METHODS, DATASETS) for n in reg if reg.get(n).__module__.startswith("tailclip.")}
+    for what in ("methods", "datasets"):  # (tests register datasets of their own, without docstrings)
         lines = runner.invoke(app, ["list", what]).output.strip().splitlines()
-        cut = [ln for ln in lines if not ln.rstrip().endswith((".", ")"))]
+        cut = [ln for ln in lines if ln.split()[0] in ours and not ln.rstrip().endswith((".", ")"))]
         assert not cut, cut
