@@ -166,3 +166,17 @@ def test_help_speaks_to_users_and_list_lines_are_whole_sentences() -> None:
         lines = runner.invoke(app, ["list", what]).output.strip().splitlines()
         cut = [ln for ln in lines if ln.split()[0] in ours and not ln.rstrip().endswith((".", ")"))]
         assert not cut, cut
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise() -> None:
+    """Spinning OpenMP threads made a run beside another job 4x slower (benchmarks/contention.py)."""
+    import subprocess
+    import sys
+
+    code = "import tailclip, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
