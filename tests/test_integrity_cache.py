@@ -125,3 +125,21 @@ def test_scrambled_tensor_file_is_rebuilt_with_a_warning(tiny_backbone, tmp_path
     cache_mod._VERIFIED.clear()
     split_features(tiny_backbone, task, "train", cache=cache)
     assert len(cache_mod._VERIFIED) == 4  # pre_proj, proj, labels, indices
+
+
+def test_cache_files_follow_the_umask(tiny_backbone, tmp_path: Path) -> None:
+    """Tensor files were created 0600 (mkstemp): a cache shared by a team must be readable by its other users."""
+    import os
+
+    from tailclip.io import file_mode
+
+    root = tmp_path / "imgs"
+    write_images(root, seed=0)
+    task = build_task(DataConfig(name="image-folder", root=str(root)))
+    old = os.umask(0o022)
+    try:
+        fs = split_features(tiny_backbone, task, "train", cache=FeatureCache(tmp_path / "cache"))
+        files = list(fs.path.glob("*.safetensors"))
+        assert files and {f.stat().st_mode & 0o777 for f in files} == {file_mode()} == {0o644}
+    finally:
+        os.umask(old)

@@ -118,3 +118,22 @@ def test_predict_with_a_zero_shot_run(trained: tuple[Path, Path], tiny_vit_json:
     assert res.exit_code == 0, res.output
     line = json.loads(res.output.strip().splitlines()[-1])
     assert len(line["predictions"]) == 3 and abs(sum(p["prob"] for p in line["predictions"]) - 1) < 1e-5
+
+
+def test_nan_logits_are_refused_not_printed(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A model that gives NaN logits printed `"prob": NaN` (invalid JSON) with exit 0; now one line, exit 2."""
+    from tailclip.engine.checkpoint import file_checksum
+
+    run, image = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "checkpoint.safetensors"
+    state = load_file(str(weights))
+    head = next(k for k in state if k.startswith("head."))
+    state[head] = torch.full_like(state[head], float("nan"))
+    save_file(state, str(weights))
+    meta = json.loads((copy / "checkpoint.json").read_text())
+    meta["weights_checksum"] = file_checksum(weights)
+    (copy / "checkpoint.json").write_text(json.dumps(meta))
+    res = predict(copy, image)
+    assert res.exit_code == 2 and "NaN or inf logits" in res.output and '"prob"' not in res.output
