@@ -3,8 +3,9 @@ second `demo --quick`, with the ratios to idle. Not part of the test suite.
 
     python benchmarks/contention.py [--env KEY=VALUE ...] [--cases idle,busy,pair]
 
-`--env` sets variables for the measured runs (e.g. OMP_WAIT_POLICY=ACTIVE to see the spin-waiting that tailclip
-turns off by default, or OMP_NUM_THREADS=1). Each run gets cold caches of its own, so runs never share work.
+`--env` sets variables for the measured runs (e.g. GOMP_SPINCOUNT=300000, libgomp's own default, to see the
+spin-waiting tailclip shortens to 1,000 spins; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1). Each run gets cold caches
+of its own, so runs never share work.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 import os
 
-# OpenMP threads that finish their share of a parallel region sleep instead of spinning (torch's libgomp spins
-# otherwise): beside another multi-threaded job on 2 cores, `tailclip demo --quick` took 4.0x its idle time with
-# spinning threads and 1.4x with passive ones, at the same idle time (benchmarks/contention.py). It only applies
-# when set before torch starts OpenMP, so it sits here, and a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that finish their share of a parallel region spin for a while before they sleep (libgomp: 300,000
+# spins unless told otherwise). Beside another multi-threaded job on 2 cores that spinning starves both: `tailclip demo
+# --quick` next to a second one took 4.0x its idle time; with 1,000 spins, 1.5x, and the idle time is unchanged
+# (fully passive threads, OMP_WAIT_POLICY=PASSIVE, gave 1.4x but 8-10 % slower idle runs). benchmarks/contention.py
+# measures it. It applies only when set before torch starts OpenMP, so it sits here; a user's own settings win.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # libgomp (torch's Linux wheels)
+os.environ.setdefault("KMP_BLOCKTIME", "1")  # Intel OpenMP, in milliseconds (builds linked against libiomp)
 
 __version__ = "0.1.0"
