@@ -381,3 +381,24 @@ def test_train_summary_prints_base_new_hm_for_base_to_new(tmp_path: Path, capsys
     write_run(tmp_path / "val-only", extra={"main_split": "val"}, splits=("val",))
     _print_summary(tmp_path / "val-only")
     assert "lift on synth-lt [val]" in capsys.readouterr().out
+
+
+def test_plots_one_per_task_distinct_colours_and_readable_captions(tmp_path: Path) -> None:
+    """Runs of two tasks get a comparison plot each; 9+ runs never share a colour; HTML captions say what a plot
+    shows."""
+    from tailclip.report.plots import PALETTE, caption
+
+    assert len(set(PALETTE)) == len(PALETTE) >= 9
+    write_run(tmp_path / "lt-a", seed=1)
+    write_run(tmp_path / "lt-b", seed=2, method="linear_probe")
+    write_run(tmp_path / "b2n", method="candle", dataset="synth-b2n-lt", splits=("test_base", "test_new"), counts=None)
+    write_run(tmp_path / "other", dataset="cifar100-lt", seed=3)
+    files = report_runs([tmp_path / n for n in ("lt-a", "lt-b", "b2n", "other")], tmp_path / "out",
+                        formats="md,csv,html")
+    names = {Path(n).name for n in files}
+    assert {"many_medium_few_synth-lt.png", "many_medium_few_cifar100-lt.png", "per_class_accuracy_synth-lt.png",
+            "per_class_accuracy_cifar100-lt.png", "base_new_hm.png"} <= names
+    assert "many_medium_few.png" not in names  # never one chart across tasks
+    html = files["report.html"].read_text()
+    assert "Top-1 on many- (&gt;100), medium- (20-100) and few-shot (&lt;20) classes — synth-lt" in html
+    assert caption("lt-a_predicted_vs_true", {"lt-a": "LIFT run"}).startswith("LIFT run: predicted against true")

@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 
 from .collect import Problem, Row
+from .plots import caption, slug
 from .tables import build_table
 
 STYLE = """
@@ -57,9 +58,11 @@ def render(rows: Sequence[Row], problems: Sequence[Problem], plots: Sequence[Pat
     pngs = [p for p in plots if p.suffix == ".png"]
     if pngs or notes:
         out.append("<h2>Plots</h2>")
+    labels = {slug(r.label): r.label for r in rows}
     for png in pngs:
-        out.append(f'<figure><img src="{data_uri(png)}" alt="{escape(png.stem)}">'
-                   f"<figcaption>{escape(png.stem)}</figcaption></figure>")
+        text = caption(png.stem, labels)
+        out.append(f'<figure><img src="{data_uri(png)}" alt="{escape(text)}">'
+                   f"<figcaption>{escape(text)}</figcaption></figure>")
     if notes:
         out += ["<ul>"] + [f"<li>{escape(n)}</li>" for n in notes] + ["</ul>"]
     out += ["</body>", "</html>"]

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,9 +69,26 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+# 14 distinct colours (Paul Tol's bright and muted sets, colour-blind safe): a report of up to 14 runs never gives
+# two of them one colour; beyond that the cycle repeats
+PALETTE = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb", "#000000", "#332288",
+           "#117733", "#882255", "#ddaa33", "#44aa99", "#999933")
+
+
 def _colors(n: int) -> list[str]:
-    base = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb", "#000000"]
-    return [base[i % len(base)] for i in range(n)]
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
+
+
+def by_task(items: Sequence[Any], task: Callable[[Any], str | None]) -> list[tuple[str, list[Any]]]:
+    """Items grouped by task (dataset), in order of first appearance: a comparison plot holds runs of one task
+    (runs of different tasks have different classes and groups); the suffix names the task when there are
+    several ("" when one)."""
+    groups: dict[str, list[Any]] = {}
+    for item in items:
+        groups.setdefault(task(item) or "", []).append(item)
+    if len(groups) <= 1:
+        return [("", list(items))] if items else []
+    return [(f"_{slug(name or 'unknown')}", members) for name, members in groups.items()]
 
 
 # ---------------------------------------------------------------------------------------------- run data
@@ -162,25 +179,28 @@ def _grouped_bars(rows: Sequence[Row], keys: Sequence[str], titles: Sequence[str
     ax.set_xticks(x, list(titles))
     ax.set_ylim(0, 100)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(rows)))
+    fig.legend(fontsize=8, loc="outside right upper")  # outside the axes, inside the figure: never cut
     return _save(fig, out_dir, name)
 
 
 def plot_groups(rows: Sequence[Row], out_dir: Path) -> list[Path]:
-    """Many / medium / few top-1 bars of the compared runs (± std for grid rows)."""
-    rows = [r for r in rows if any(k in r.stats for k in ("many", "medium", "few"))]
-    if not rows:
-        return []
-    return _grouped_bars(rows, ("many", "medium", "few"), ("many (>100)", "medium (20-100)", "few (<20)"),
-                         "top-1 (%)", out_dir, "many_medium_few")
+    """Many / medium / few top-1 bars of the compared runs (± std for grid rows), one plot per task."""
+    rows = [r for r in rows if any(k in r.stats for k in ("many", "medium", "few")) and "hm" not in r.stats]
+    paths: list[Path] = []
+    for suffix, group in by_task(rows, lambda r: r.dataset):
+        paths += _grouped_bars(group, ("many", "medium", "few"), ("many (>100)", "medium (20-100)", "few (<20)"),
+                               "top-1 (%)", out_dir, f"many_medium_few{suffix}")
+    return paths
 
 
 def plot_base_new(rows: Sequence[Row], out_dir: Path) -> list[Path]:
-    """Base / new / harmonic-mean bars of base-to-new runs."""
+    """Base / new / harmonic-mean bars of base-to-new runs, one plot per task."""
     rows = [r for r in rows if "hm" in r.stats]
-    if not rows:
-        return []
-    return _grouped_bars(rows, ("base", "new", "hm"), ("base", "new", "HM"), "top-1 (%)", out_dir, "base_new_hm")
+    paths: list[Path] = []
+    for suffix, group in by_task(rows, lambda r: r.dataset):
+        paths += _grouped_bars(group, ("base", "new", "hm"), ("base", "new", "HM"), "top-1 (%)", out_dir,
+                               f"base_new_hm{suffix}")
+    return paths
 
 
 def plot_shots(rows: Sequence[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
@@ -387,6 +407,31 @@ def _safe(fn: Any, what: str, *args: Any) -> tuple[list[Path], list[str]]:
     return got if isinstance(got, tuple) else (got, [])
 
 
+# what each plot file shows (its name without the task suffix or run prefix), for captions
+CAPTIONS = {
+    "per_class_accuracy": "Per-class top-1 against training images per class (log scale; bands: few / medium / many)",
+    "many_medium_few": "Top-1 on many- (>100), medium- (20-100) and few-shot (<20) classes",
+    "base_new_hm": "Base-to-new: base, new and harmonic-mean top-1",
+    "accuracy_vs_shots": "Top-1 against shots per class, mean ± std over seeds",
+    "predicted_vs_true": "Predicted against true class counts on the test split",
+    "gla_prior": "GLA's estimated pretraining label prior against the training class frequency",
+    "reliability": "Reliability diagram (accuracy against confidence)",
+}
+
+
+def caption(stem: str, run_labels: dict[str, str] | None = None) -> str:
+    """A reader's caption for a plot file's stem: what it shows, and for which task or run."""
+    for key, text in CAPTIONS.items():
+        if stem == key:
+            return text
+        if stem.startswith(f"{key}_"):  # a comparison plot of one task
+            return f"{text} — {stem[len(key) + 1:]}"
+        if stem.endswith(f"_{key}"):  # a run's own plot, prefixed by its slug
+            who = stem[: -len(key) - 1]
+            return f"{(run_labels or {}).get(who, who)}: {text[0].lower()}{text[1:]}"
+    return stem
+
+
 def plot_run(run: Run, out_dir: Path, prefix: str = "") -> tuple[list[Path], list[str]]:
     """The per-run plots: predicted-class histogram, and for GLA runs the prior and reliability diagrams."""
     todo = [(plot_predictions, "predicted_vs_true")]
@@ -406,8 +451,12 @@ def _all_plots(rows: Sequence[Row], out_dir: Path, prefix_runs: bool) -> tuple[l
     runs = [r.runs[0] for r in rows if r.kind == "run"]
     paths: list[Path] = []
     notes: list[str] = []
-    for fn, what, arg in ((plot_per_class, "per-class", runs), (plot_groups, "many/medium/few", rows),
-                          (plot_base_new, "base/new/HM", rows), (plot_shots, "accuracy vs shots", rows)):
+    for suffix, group in by_task(runs, lambda r: r.results.get("dataset")):  # one per-class plot per task
+        got, why = _safe(plot_per_class, "per-class", group, out_dir, f"per_class_accuracy{suffix}")
+        paths += got
+        notes += why
+    for fn, what, arg in ((plot_groups, "many/medium/few", rows), (plot_base_new, "base/new/HM", rows),
+                          (plot_shots, "accuracy vs shots", rows)):
         if arg:
             got, why = _safe(fn, what, arg, out_dir)
             paths += got
