@@ -45,3 +45,11 @@ def test_images_seen_and_clock(tmp_path: Path) -> None:
     assert demo._images_seen(tmp_path, "images") == (14, 120)
     assert demo._images_seen(tmp_path, "features") == (0, 120)
     assert demo._clock(59.6) == "1m00s" and demo._clock(5) == "5s"
+
+
+def test_images_seen_of_a_k_shot_row(tmp_path: Path) -> None:
+    """--quick's LIFT rows train on 8 shots: no group counts in results.json, the draw says how many images."""
+    results = {"splits": {"test": {"num_samples": 50}}, "training": {"epochs_run": 2}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "shot_indices.json").write_text(json.dumps({"train": list(range(800)), "val": [1, 2]}))
+    assert demo._images_seen(tmp_path, "images") == (1600, 50)

@@ -109,8 +109,13 @@ def _images_seen(run_dir: Path, method_inputs: str) -> tuple[int, int]:
     results = json.loads((run_dir / "results.json").read_text())
     scored = sum(int(s.get("num_samples", 0)) for s in results.get("splits", {}).values())
     training = results.get("training") or {}
-    counts = next((s["train_counts"] for s in results.get("splits", {}).values() if "train_counts" in s), [])
-    trained = int(training.get("epochs_run", 0)) * int(sum(counts)) if method_inputs == "images" else 0
+    counts = next((s["train_counts"] for s in results.get("splits", {}).values() if "train_counts" in s), None)
+    if counts is not None:
+        n_train = int(sum(counts))
+    else:  # K-shot runs (--quick's LIFT rows) record no group counts: their draw says how many images trained
+        drawn = run_dir / "shot_indices.json"
+        n_train = len(json.loads(drawn.read_text()).get("train", [])) if drawn.is_file() else 0
+    trained = int(training.get("epochs_run", 0)) * n_train if method_inputs == "images" else 0
     return trained, scored
 
 
