@@ -60,6 +60,11 @@ def test_reused_names_refused_resume_and_failed_runs(tmp_path: Path, tiny_vit_js
     assert list(json.loads((run / "results.json").read_text())["splits"]) == ["test"]
     assert (run / "log.txt").read_text().count("run folder ") == 1
 
+    # a refused command on a new name writes nothing
+    res = runner.invoke(app, ["eval", "--method", "lift", *common[:-1], "refused"])
+    assert res.exit_code == 2 and "trainable parameters" in res.output
+    assert not (tmp_path / "runs" / "refused").exists()
+
     # a run that fails after it was accepted is marked failed with its error
     res = runner.invoke(app, ["eval", "--method", "lift", *common, "--overwrite"])
     assert res.exit_code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,12 +143,27 @@ def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
     run_dir = RunDir.for_config(cfg, overwrite=overwrite)
+    fresh = not overwrite and cfg.resume is None  # (for_config refuses a used folder without either)
+    try:
+        _run_in(run_dir, cfg, device, train)
+    except RefusedRun:
+        if fresh and distributed.is_main_process():  # a refused command leaves nothing behind
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+    return run_dir.path
+
+
+class RefusedRun(TailclipError):
+    """A run refused once its method is built (e.g. `tailclip eval` of a method that trains)."""
+
+
+def _run_in(run_dir: RunDir, cfg: RunConfig, device: torch.device, train: bool) -> None:
     with run_dir, _marked(run_dir):
         run_dir.write_config(cfg)
         log.info("run folder %s", run_dir.path)
         task, method = build(cfg, device)
         if not train and method.num_trainable() > 0:
-            raise TailclipError(
+            raise RefusedRun(
                 f"method {cfg.method!r} has {method.num_trainable()} trainable parameters: train it with "
                 "`tailclip train`, or evaluate a trained run with `tailclip eval --checkpoint RUN_DIR`"
             )
@@ -162,7 +178,6 @@ def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
         run_dir.write_results(evaluate(method, ctx))
         _plots(cfg, run_dir.path)
         distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
-    return run_dir.path
 
 
 def _check_paper_protocol(cfg: RunConfig) -> None:
