@@ -402,3 +402,14 @@ def test_plots_one_per_task_distinct_colours_and_readable_captions(tmp_path: Pat
     html = files["report.html"].read_text()
     assert "Top-1 on many- (&gt;100), medium- (20-100) and few-shot (&lt;20) classes — synth-lt" in html
     assert caption("lt-a_predicted_vs_true", {"lt-a": "LIFT run"}).startswith("LIFT run: predicted against true")
+
+
+def test_a_k_shot_run_of_a_long_tailed_task_is_plotted_at_its_own_counts(tmp_path: Path) -> None:
+    """--quick's LIFT rows train on at most 8 images per class of synth-lt: their x is min(n_c, 8), not n_c."""
+    from tailclip.report.collect import read_run
+    from tailclip.report.plots import train_counts
+
+    write_run(tmp_path / "k8", counts=None, task_meta={"shots": 8, "counts": [50, 20, 5]})
+    assert train_counts(read_run(tmp_path / "k8")).tolist() == [8, 8, 5]
+    write_run(tmp_path / "lt", task_meta={"counts": [50, 20, 5]})
+    assert train_counts(read_run(tmp_path / "lt")).tolist() == [float(c) for c in COUNTS]

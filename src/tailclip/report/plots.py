@@ -97,9 +97,15 @@ def _main_split_entry(run: Run) -> dict[str, Any]:
 
 
 def train_counts(run: Run) -> np.ndarray | None:
-    """Training images per class: the main split's train_counts (LT runs), else task_meta.counts (base-to-new)."""
-    counts = _main_split_entry(run).get("train_counts") or (run.results.get("task_meta") or {}).get("counts")
-    return None if counts is None else np.asarray(counts, dtype=np.float64)
+    """Training images per class: the main split's train_counts (LT runs), else task_meta.counts (base-to-new, or a
+    long-tailed task a K-shot run drew from: then at most K per class, what the run trained on)."""
+    meta = run.results.get("task_meta") or {}
+    counts = _main_split_entry(run).get("train_counts") or meta.get("counts")
+    if counts is None:
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    shots = meta.get("shots")
+    return np.minimum(counts, float(shots)) if isinstance(shots, int | float) else counts
 
 
 def _saved_logits(run: Run) -> tuple[Any, str] | None:
