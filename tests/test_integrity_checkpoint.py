@@ -122,7 +122,7 @@ def test_predict_with_a_zero_shot_run(trained: tuple[Path, Path], tiny_vit_json:
 
 def test_nan_logits_are_refused_not_printed(trained: tuple[Path, Path], tmp_path: Path) -> None:
     """A model that gives NaN logits printed `"prob": NaN` (invalid JSON) with exit 0; now one line, exit 2."""
-    from tailclip.engine.checkpoint import file_checksum
+    from tailclip.io import file_checksum
 
     run, image = trained
     copy = tmp_path / "run"

@@ -3,6 +3,7 @@ concurrent reader never sees half a file. Every results/checkpoint/cache write g
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,15 @@ from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
+
+
+def file_checksum(path: str | Path) -> str:
+    """blake2b (128 bits) of a file's bytes, read in 1 MiB chunks: checkpoint checksums and the content index."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def file_mode() -> int:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from ..config import config_to_dict
 from ..errors import TailclipError
-from ..io import atomic_save_tensors, atomic_write, atomic_write_text
+from ..io import atomic_save_tensors, atomic_write, atomic_write_text, file_checksum
 from . import distributed
 
 if TYPE_CHECKING:
@@ -74,15 +74,6 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
     }
     atomic_write_text(ctx.run_dir / META, json.dumps(meta, indent=2) + "\n")
     return path
-
-
-def file_checksum(path: Path) -> str:
-    """blake2b (128 bits) of a file's bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
