@@ -128,8 +128,11 @@ def test_file_system_faults_and_bad_yaml_are_one_line(tmp_path) -> None:
         assert res.exit_code == 2 and "Permission denied" in res.output
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG", "EROFS"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, code: str) -> None:
+    """A full disk, a file over the size limit, a read-only file system (patched writes: sessions run as root)."""
     import errno
+    import os
 
     from typer.testing import CliRunner
 
@@ -140,13 +143,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch) 
 
     def full(path, write):
         if path.name == "results.json":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(path))
         return real(path, write)
 
     monkeypatch.setattr(io, "atomic_write", full)
     res = CliRunner().invoke(app, ["eval", "--method", "zeroshot", "--output-dir", str(tmp_path), "--name", "r",
                                    "eval.plots=false"])
-    assert res.exit_code == 2 and "results.json: No space left on device" in res.output
+    assert res.exit_code == 2 and f"results.json: {os.strerror(getattr(errno, code))}" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "results.json").exists()
     assert not list((tmp_path / "r").glob(".results.json*"))
 
