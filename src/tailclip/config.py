@@ -337,6 +337,15 @@ def load_config(
     return obj
 
 
+def key_differences(theirs: dict[str, Any], mine: dict[str, Any], ignore: set[str] | frozenset[str] = frozenset()
+                    ) -> list[str]:
+    """"key: theirs -> mine" for every flat key (outside `ignore`) whose values differ; a key only one side has
+    counts too. Refusals of a reused grid cell or a resume name what changed with it."""
+    missing = object()
+    return [f"{k}: {theirs.get(k, '(unset)')!r} -> {mine.get(k, '(unset)')!r}"
+            for k in sorted((set(theirs) | set(mine)) - set(ignore)) if theirs.get(k, missing) != mine.get(k, missing)]
+
+
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import RunConfig, config_to_dict
+from .config import RunConfig, config_to_dict, key_differences
 from .errors import TailclipError
 from .io import atomic_write_text, write_json
 
@@ -54,11 +54,8 @@ def cell_differences(cell_dir: Path, cfg: RunConfig) -> list[str]:
     except (OSError, yaml.YAMLError) as exc:
         raise TailclipError(f"{path}: cannot be read to check the finished cell ({exc}); rerun it with "
                             "--overwrite") from None
-    theirs, mine = _flat(stored), _flat(json.loads(json.dumps(config_to_dict(cfg), default=str)))
-    keys = sorted((set(theirs) | set(mine)) - BOOKKEEPING)
-    missing = object()
-    return [f"{k}: {theirs.get(k, '(unset)')!r} -> {mine.get(k, '(unset)')!r}" for k in keys
-            if theirs.get(k, missing) != mine.get(k, missing)]
+    mine = json.loads(json.dumps(config_to_dict(cfg), default=str))
+    return key_differences(_flat(stored), _flat(mine), BOOKKEEPING)
 
 
 def cell_name(shots: int | None, seed: int) -> str:

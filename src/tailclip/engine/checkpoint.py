@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..config import config_to_dict
+from ..config import config_to_dict, key_differences
 from ..errors import TailclipError
 from ..io import atomic_save_tensors, atomic_write, atomic_write_text, file_checksum
 from . import distributed
@@ -199,9 +199,7 @@ def resume_fingerprint(cfg: RunConfig) -> str:
 
 def resume_differences(theirs: RunConfig, mine: RunConfig) -> list[str]:
     """"key: theirs -> mine" for every entry of `resume_key` in which two configurations differ."""
-    a, b = resume_key(theirs), resume_key(mine)
-    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return key_differences(resume_key(theirs), resume_key(mine))
 
 
 def rng_state() -> dict[str, Any]:
