@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from tailclip.config import load_config
-from tailclip.engine.evaluate import autocast
+from tailclip.contract import FitContext
 from tailclip.engine.image_batches import ImageBatches
 from tailclip.engine.trainer import build_optimizer, epoch_order, plan_epoch
-from tailclip.methods.base import FitContext
 from tailclip.methods.loading import build
+from tailclip.runtime import autocast
 
 
 def _sync(device: torch.device) -> None:

@@ -54,6 +54,6 @@ def _no_run_plots(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     """Per-run plots (matplotlib, seconds per run) are drawn only in tests marked `run_plots`; the report tests
     draw their own. Everything else about a run is unchanged."""
     if request.node.get_closest_marker("run_plots") is None:
-        import tailclip.api
+        import tailclip.report
 
-        monkeypatch.setattr(tailclip.api, "_plots", lambda cfg, path: None)
+        monkeypatch.setattr(tailclip.report, "write_run_plots", lambda run_dir: [])

@@ -413,3 +413,15 @@ def test_unsupported_vit_variant_falls_back_with_warning(tmp_path: Path) -> None
     assert b.hooks.names() == [] and b.tap_names() == [] and b.visual_proj is None
     with pytest.raises(KeyError):
         b.encode_image(x, taps=["blocks.0"])
+
+
+def test_an_open_clip_without_the_private_vit_steps_falls_back_to_its_own_forward(tiny_vit_json) -> None:
+    """tailclip's ViT forward calls open_clip's private `_embeds` and `_pool`; an open_clip without them is named as
+    the reason the tower runs open_clip's own forward (no hooks, no taps) instead of failing mid-forward."""
+    from tailclip.backbones import create_backbone
+    from tailclip.backbones.openclip import _unsupported_vit_reason
+
+    visual = create_backbone(f"json:{tiny_vit_json}").model.visual
+    assert _unsupported_vit_reason(visual) is None
+    visual._pool = None  # (an instance attribute hides the method, as a release without it would)
+    assert "_embeds/_pool" in (_unsupported_vit_reason(visual) or "")

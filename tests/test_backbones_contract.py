@@ -188,7 +188,9 @@ def test_backbones_import_no_methods_data_or_config() -> None:
     while todo:
         mod = todo.pop()
         path = source(mod)
-        if mod in seen or path is None:
+        # (the root package's __init__ registers every method when tailclip is imported, as timm's registry does;
+        # what is checked here is what the backbone modules themselves import)
+        if mod in seen or path is None or mod == "tailclip":
             continue
         seen.add(mod)
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]

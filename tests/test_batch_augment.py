@@ -64,10 +64,10 @@ def test_batch_matches_the_pil_path_under_the_same_seeds() -> None:
 
 def test_trainer_fast_path_yields_the_pil_path_batches(tmp_path) -> None:
     from tailclip.config import load_config
+    from tailclip.contract import FitContext
     from tailclip.data.base import Split, SubsetImages
     from tailclip.engine.image_batches import ImageBatches
     from tailclip.engine.trainer import epoch_order, plan_epoch
-    from tailclip.methods.base import FitContext
     from tailclip.methods.loading import build
 
     cfg = load_config(None, ["method=lift", "model.name=synthetic:tiny-clip", "data.name=synth-fewshot",

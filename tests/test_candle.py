@@ -182,14 +182,15 @@ def test_transductive_predicts_in_the_released_batch_of_100(tiny_backbone, monke
     from pathlib import Path
 
     from tailclip.config import load_config
-    from tailclip.methods.base import FitContext, Method
+    from tailclip.contract import FitContext
+    from tailclip.engine import evaluate
 
     seen: list[int] = []
-    monkeypatch.setattr(Method, "predict", lambda self, ctx, split: seen.append(ctx.cfg.eval.batch_size))
+    monkeypatch.setattr(evaluate, "predict", lambda method, ctx, split: seen.append(ctx.cfg.eval.batch_size))
     cfg = load_config(None, ["method=candle", "eval.batch_size=256"])
     ctx = FitContext(cfg, None, Path("."), torch.device("cpu"))  # type: ignore[arg-type]
-    _model(tiny_backbone, transductive=True).predict(ctx, "test")
-    _model(tiny_backbone).predict(ctx, "test")
+    evaluate.predict_split(_model(tiny_backbone, transductive=True), ctx, "test")
+    evaluate.predict_split(_model(tiny_backbone), ctx, "test")
     assert seen == [100, 256]
     assert _model(tiny_backbone, transductive=True).protocol() == {"prediction": "transductive(batch 100)"}
     assert _model(tiny_backbone).protocol() == {}
@@ -209,8 +210,8 @@ def test_results_record_the_tte_actually_applied(tiny_backbone) -> None:
 
     from tailclip.api import protocol_record
     from tailclip.config import load_config
+    from tailclip.contract import FitContext
     from tailclip.data.base import Task
-    from tailclip.methods.base import FitContext
 
     cfg = load_config(None, ["method=candle", "eval.tte=five_crop"])
     ctx = FitContext(cfg, Task("t", NAMES, ["{}"], {}), Path("."), torch.device("cpu"))

@@ -129,6 +129,7 @@ def test_cocoop_meta_net_shapes_and_per_image_bias(tiny_backbone) -> None:
 
 
 def test_cocoop_gradients_reach_context_and_meta_net_only(tiny_backbone) -> None:
+    torch.manual_seed(0)  # (the meta-net's init and the batch: independent of which tests ran before)
     m = _method("cocoop", tiny_backbone, _info())
     m.train()
     m({"proj": torch.randn(2, tiny_backbone.embed_dim)}, torch.tensor([1, 3])).loss.backward()
@@ -221,12 +222,9 @@ def test_base_to_new_run_scores_base_new_and_hm(name: str, tmp_path: Path, monke
                                       else 0.0)
 
 
-def test_presets_load_and_gla_reads_coops_loss(tmp_path: Path) -> None:
-    """Every CoOp/CoCoOp preset validates; GLA's source_prior=auto takes CoOp's CE as the train prior, and the
-    ImageNet RN50 GLA preset ensembles the CoOp grid."""
-    from tailclip.engine.runs import RunDir as _RunDir
-    from tailclip.methods.gla import source_prior_of
-
+def test_presets_load_and_gla_ensembles_the_coop_grid() -> None:
+    """Every CoOp/CoCoOp preset validates (CE: GLA's source_prior=auto takes the train prior, see
+    test_protocols_gla), and the ImageNet RN50 GLA preset ensembles the CoOp grid."""
     root = Path(__file__).resolve().parents[1] / "configs"
     presets = sorted((root / "coop").glob("*.yaml")) + sorted((root / "cocoop").glob("*.yaml"))
     assert len(presets) == 22
@@ -236,7 +234,6 @@ def test_presets_load_and_gla_reads_coops_loss(tmp_path: Path) -> None:
         assert cfg.method_config().loss == "ce"
     coop = load_config(root / "coop" / "imagenet_rn50.yaml")
     assert coop.train.epochs == 50 and coop.train.batch_size == 32 and coop.method_config().n_ctx == 16
-    assert source_prior_of(_RunDir(tmp_path), coop) == "train"
     gla = load_config(root / "gla" / "imagenet_rn50_ensemble.yaml")
     assert gla.method_config().finetuned_run == f"runs/{coop.run_name}/k{{shots}}-s{{seed}}"
 

@@ -16,11 +16,12 @@ from PIL import Image
 
 from tailclip.config import TrainConfig, load_config
 from tailclip.data.base import ArrayImages, Split, Task
-from tailclip.engine import distributed
 from tailclip.engine.evaluate import ensemble_logits, predict_images
+from tailclip.engine.fit import fit
 from tailclip.engine.schedule import learning_rate
 from tailclip.engine.trainer import epoch_order, plan_epoch
 from tailclip.methods import FitContext, get_method
+from tailclip.runtime import distributed
 
 TRAIN_COUNTS = (14, 7, 4, 2)
 
@@ -150,14 +151,13 @@ def _fit(tmp_path: Path, overrides: list[str], task: Task | None = None):
     run_dir = tmp_path / "r"
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = FitContext(cfg, task, run_dir, torch.device("cpu"))
-    method.fit(ctx)
-    return method, ctx
+    return method, ctx, fit(method, ctx)
 
 
 def test_grad_accumulation_gives_the_same_training(tmp_path: Path, tiny_vit_json: Path) -> None:
     model = f"model.name=json:{tiny_vit_json}"
-    a, _ = _fit(tmp_path / "a", [model, "train.grad_accum=1"])
-    b, _ = _fit(tmp_path / "b", [model, "train.grad_accum=3"])
+    a, _, _ = _fit(tmp_path / "a", [model, "train.grad_accum=1"])
+    b, _, _ = _fit(tmp_path / "b", [model, "train.grad_accum=3"])
     for (name, pa), (_, pb) in zip(a.trainable_parameters(), b.trainable_parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
     rows_a, rows_b = read_metrics(tmp_path / "a" / "r"), read_metrics(tmp_path / "b" / "r")
@@ -168,10 +168,10 @@ def test_grad_accumulation_gives_the_same_training(tmp_path: Path, tiny_vit_json
 
 
 def test_select_on_val_and_resume_state_written(tmp_path: Path, tiny_vit_json: Path) -> None:
-    method, ctx = _fit(tmp_path, [f"model.name=json:{tiny_vit_json}", "train.select_on=val", "train.epochs=3"])
+    _, ctx, result = _fit(tmp_path, [f"model.name=json:{tiny_vit_json}", "train.select_on=val", "train.epochs=3"])
     rows = read_metrics(ctx.run_dir)
     vals = [float(r["val_top1"]) for r in rows]
-    assert method.train_summary.best_epoch == 1 + int(np.argmax(vals))
+    assert result.training.best_epoch == 1 + int(np.argmax(vals))
     state = torch.load(ctx.run_dir / "resume.pt", weights_only=True)
     assert state["finished"] and state["epoch"] == 3 and state["optimizer"] is None
 

@@ -14,18 +14,31 @@ import pytest
 from safetensors.torch import load_file
 from test_engine import deterministic_columns, make_image_folder, read_metrics
 
-from tailclip.engine.trainer import KILL_ENV
-
 METHODS = {"lift": [], "linear_probe": ["linear_probe.head=cosine"]}
+# The library run with a step callback that SIGKILLs the process right after optimizer step N (argv[1]); the
+# remaining arguments are the overrides `tailclip train` would build from its options.
+KILLED_RUN = """
+import os, signal, sys
+from tailclip.api import load_config, run
+
+def kill(step: int) -> None:
+    if step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_config(None, sys.argv[2:]), callbacks=[kill])
+"""
 
 
-def _train(out: Path, name: str, data: Path, model: Path, extra: list[str], env_extra: dict | None = None,
+def _train(out: Path, name: str, data: Path, model: Path, extra: list[str], kill_after: int | None = None,
            method: str = "lift"):
-    cmd = [sys.executable, "-m", "tailclip.cli", "train", "--method", method, "--dataset", "image-folder",
-           "--root", str(data), "--model", f"json:{model}", "--output-dir", str(out), "--name", name,
-           "train.epochs=2", "train.batch_size=4", "train.lr=0.05", "train.resume_every_steps=2",
-           "train.select_on=val", "eval.splits=[val,test]", *METHODS[method], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAILCLIP_CACHE": str(out / "cache"), **(env_extra or {})}
+    overrides = [f"method={method}", "data.name=image-folder", f"model.name=json:{model}", f"data.root={data}",
+                 f"output_dir={out}", f"run_name={name}", "train.epochs=2", "train.batch_size=4", "train.lr=0.05",
+                 "train.resume_every_steps=2", "train.select_on=val", "eval.splits=[val,test]", *METHODS[method], *extra]
+    if kill_after is None:
+        cmd = [sys.executable, "-m", "tailclip.cli", "train", *overrides]
+    else:
+        cmd = [sys.executable, "-c", KILLED_RUN, str(kill_after), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAILCLIP_CACHE": str(out / "cache")}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -38,7 +51,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(method: str, t
 
     # resume states are written after global steps 2, 4, 6, (epoch end 7), 8; the kill comes after step 9,
     # i.e. in the middle of epoch 2 and one step after the last resume point, which must be replayed
-    killed = _train(tmp_path, "run", data, tiny_vit_json, [], {KILL_ENV: "9"}, method=method)
+    killed = _train(tmp_path, "run", data, tiny_vit_json, [], kill_after=9, method=method)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / "run"
     assert not (run / "results.json").exists() and (run / "resume.pt").exists()

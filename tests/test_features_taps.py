@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_features import CountingBackbone, color_task
 
+from tailclip.config import FeatureOptions
 from tailclip.data.base import ArrayImages, Split
 from tailclip.data.transforms import eval_transform
 from tailclip.errors import ConfigError, CorruptImageError, UnknownNameError
@@ -199,7 +200,7 @@ def test_reads_are_memory_mapped_not_copied(tiny_backbone, tmp_path: Path) -> No
 def _method_ctx(backbone, task, cache: Path):
     cfg = SimpleNamespace(method="probe", eval=SimpleNamespace(tte="none", batch_size=4, precision="fp32"),
                           data=SimpleNamespace(num_workers=0, on_bad_image="error", content_check="stat"))
-    method = SimpleNamespace(backbone=backbone, cfg=SimpleNamespace(feature_cache=str(cache)))
+    method = SimpleNamespace(backbone=backbone, cfg=FeatureOptions(feature_cache=str(cache)))
     return method, SimpleNamespace(cfg=cfg, task=task, device=torch.device("cpu"))
 
 

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from tailclip.config import load_config
+from tailclip.contract import FitContext
 from tailclip.engine.image_batches import ImageBatches
 from tailclip.engine.trainer import epoch_order, plan_epoch
 from tailclip.errors import ConfigError, CorruptImageError
-from tailclip.methods.base import FitContext
 from tailclip.methods.loading import build
 
 

@@ -127,7 +127,8 @@ def test_runs_end_to_end(head: str, tiny_vit_json: Path, tmp_path: Path, monkeyp
     if head == "logreg":
         assert res["linear_probe"]["C_chosen_on"] == "val" and res["linear_probe"]["C_search"]
     # the checkpoint reloads and classifies images directly (not only from the cache)
-    _, task, method, _ = load_trained(run_dir)
+    trained = load_trained(run_dir)
+    task, method = trained.task, trained.method
     from tailclip.data.transforms import eval_transform
 
     tf = eval_transform(method.backbone.preprocess)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from test_features import color_task, register_color_dataset
 
 from tailclip.config import dump_config, load_config
+from tailclip.engine.fit import fit
 from tailclip.engine.runs import RunDir, run_from_template
 from tailclip.errors import ConfigError, TailclipError
 from tailclip.methods.gla import source_prior_of, task_shots
@@ -35,8 +37,7 @@ def fitted_gla(tiny_vit_json: Path, tmp_path: Path, *overrides: str):
                              "method=gla", "eval.plots=false", *overrides])
     task, method = build(cfg, torch.device("cpu"))
     method._zs = lambda ctx, split: (*planted_logits(split), torch.arange(24), [])
-    ctx = FitContext(cfg, task, tmp_path, torch.device("cpu"))
-    method.fit(ctx)
+    fit(method, FitContext(cfg, task, tmp_path, torch.device("cpu")))
     return method
 
 
@@ -52,7 +53,7 @@ def test_gla_fits_tzs_and_q_on_the_same_data(tiny_vit_json: Path, tmp_path: Path
         assert float(method.temperatures[0]) == pytest.approx(t, rel=1e-6)
         q = estimate_prior(z, y, t)
         torch.testing.assert_close(method.log_prior, q.clamp_min(1e-12).log().float())
-        info = method.extra_results()["gla"]
+        info = method.extra_results()
         assert info["fitted_on"] == {"temperature_zs": "+".join(splits), "prior": "+".join(splits)}
         assert info["prior_samples"] == 24 * len(splits)
         temperatures.append(t)
@@ -72,18 +73,32 @@ def test_auto_prior_data_follows_the_released_rule() -> None:
     assert task_shots(lt.info()) is None
 
 
-def test_source_prior_by_the_loss_property(tmp_path: Path) -> None:
+def test_source_prior_by_the_models_balances_prior(tmp_path: Path, tiny_backbone) -> None:
+    """`Method.balances_prior` follows the loss each method trains with, whatever its option is called (or whether
+    it has one: LDC, Candle), and GLA's source_prior=auto reads it from the run's checkpoint.json."""
+    from tailclip.data.base import TaskInfo
+    from tailclip.methods.loading import build_method
+
+    info = TaskInfo(name="t", classnames=["a", "b", "c"], templates=["a photo of a {}."],
+                    class_counts=np.array([5, 3, 1]), split_names=("train", "val", "test"))
+    for overrides, expected in ((["method=lift", "lift.loss=la"], True), (["method=lift", "lift.loss=bs"], True),
+                                (["method=lift", "lift.loss=ce"], False), (["method=sage"], True),
+                                (["method=linear_probe", "linear_probe.head=cosine", "linear_probe.loss=la"], True),
+                                (["method=linear_probe", "linear_probe.loss=la"], False),  # logreg fits plain CE
+                                (["method=candle"], True), (["method=ldc"], False), (["method=coop"], False),
+                                (["method=tip_adapter_f"], False), (["method=zeroshot"], False)):
+        method = build_method(load_config(None, overrides), tiny_backbone, info)
+        try:
+            assert method.balances_prior() is expected, overrides
+        finally:
+            if hasattr(method, "tuner"):
+                method.tuner.detach()
     run = RunDir(tmp_path)
-    for method, loss, expected in (("lift", "la", "uniform"), ("lift", "bs", "uniform"), ("lift", "ce", "train"),
-                                   ("linear_probe", "ce", "train"), ("linear_probe", "la", "uniform")):
-        cfg = load_config(None, [f"method={method}", f"{method}.loss={loss}"])
-        assert source_prior_of(run, cfg) == expected, (method, loss)
-    with pytest.raises(ConfigError, match="has no `loss` option"):
-        source_prior_of(run, load_config(None, ["method=zeroshot"]))
-    cfg = load_config(None, ["method=linear_probe"])
-    cfg.linear_probe.loss = "nope"  # a loss this install does not register
-    with pytest.raises(ConfigError, match="not a registered loss"):
-        source_prior_of(run, cfg)
+    with pytest.raises(ConfigError, match="lacks"):  # no checkpoint.json
+        source_prior_of(run)
+    for balanced, expected in ((True, "uniform"), (False, "train")):
+        (tmp_path / "checkpoint.json").write_text(json.dumps({"balances_prior": balanced}))
+        assert source_prior_of(run) == expected
 
 
 def fake_run(path: Path, classnames: list[str]) -> Path:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tailclip.engine.fit import fit
 from tailclip.methods.tip_adapter import search_alpha_beta, tip_logits
 
 
@@ -180,7 +181,7 @@ def test_tip_adapter_f_on_the_trainer_equals_the_released_loop(tiny_vit_json: Pa
             opt.step()
             sched.step()
 
-    method.fit(ctx)
+    fit(method, ctx)
     assert not torch.equal(adapter.weight, keys)  # training moved the keys
     torch.testing.assert_close(method.keys.detach(), adapter.weight.detach(), rtol=1e-5, atol=1e-6)
     rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
@@ -226,13 +227,12 @@ def test_paper_protocol_searches_the_full_val_split(tiny_vit_json: Path, tmp_pat
     cfg = _cfg(tmp_path, tiny_vit_json, register_fewshot_colors(), "tip_adapter",
                ["tip_adapter.augment_views=1", "train.select_on=paper"])
     task, method = build(cfg, torch.device("cpu"))
-    method.fit(FitContext(cfg, task.guarded(), tmp_path, torch.device("cpu")))
+    sel = fit(method, FitContext(cfg, task.guarded(), tmp_path, torch.device("cpu"))).selection.to_dict()
     full = split_features(method.backbone, build_task(dataclasses.replace(cfg.data, shots=None)), "val")
     assert len(full) == 24 and len(task.split("val")) == 16
     alpha, beta, acc = search_alpha_beta(F.normalize(full.proj, dim=-1), full.labels, method.text_weights,
                                          method.keys, method.values, method.scale, [7.0, 3.0], [20, 5])
     assert (method.alpha, method.beta) == pytest.approx((alpha, beta))
-    sel = method.selection
     assert sel["on"] == "val (full split)" and sel["chosen"]["val_top1"] == acc
     assert sel["selected_on_test"] is False and "released" in sel["protocol"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,15 +13,16 @@ import torch.nn.functional as F
 from test_features import color_task
 from torch import Tensor, nn
 
-from tailclip.config import load_config
+from tailclip.config import InputsOption, load_config
+from tailclip.contract import FeatureSpec, Inputs
 from tailclip.engine import trainer as trainer_mod
 from tailclip.engine.checkpoint import load_checkpoint, save_checkpoint
 from tailclip.engine.evaluate import predict, predict_images
+from tailclip.engine.fit import fit
 from tailclip.engine.trainer import METRIC_COLUMNS, train
 from tailclip.errors import ConfigError
 from tailclip.features import AugSpec
 from tailclip.methods import FitContext, Method, Output
-from tailclip.methods.base import FeatureSpec, Inputs
 
 
 class ToyFeatures(Method):
@@ -98,7 +98,7 @@ def test_extras_are_logged_per_epoch_weighted_like_the_loss(tmp_path: Path, tiny
     monkeypatch.setattr(trainer_mod, "_TensorBoard", Recorder)
     task, _cfg, ctx = _setup(tmp_path, tiny_backbone, ["train.select_on=none"], monkeypatch)
     method = ToyFeatures(tiny_backbone, task.info())
-    train(method, ctx)
+    result = train(method, ctx)
     rows = _rows(ctx.run_dir)
     header = list(rows[0])
     assert header[: len(METRIC_COLUMNS)] == list(METRIC_COLUMNS)
@@ -113,7 +113,8 @@ def test_extras_are_logged_per_epoch_weighted_like_the_loss(tmp_path: Path, tiny
     assert {"epoch/const", "epoch/label_mean", "epoch/loss"} <= set(tags)
     assert [c for c in method.calls if c[0] == "epoch"] == [("epoch", 0, 2), ("epoch", 1, 2)]
     assert [c[1] for c in method.calls if c[0] == "step"] == list(range(1, 11))  # 5 steps x 2 epochs
-    assert method.selection == {"on": "none", "among": "epochs", "chosen": {"epoch": 2}, "selected_on_test": False}
+    assert result.selection.to_dict() == {"on": "none", "among": "epochs", "chosen": {"epoch": 2},
+                                          "selected_on_test": False}
 
 
 @pytest.mark.parametrize("per", ["epoch", "sample", "all"])
@@ -150,13 +151,14 @@ def test_selection_among_heads_and_epochs_restored_from_checkpoint(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     task, cfg, ctx = _setup(tmp_path, tiny_backbone, ["train.epochs=3"], monkeypatch)  # auto: val exists
     method = ToyFeatures(tiny_backbone, task.info())
-    summary = train(method, ctx)
+    result = train(method, ctx)
+    summary, selection = result.training, result.selection.to_dict()
     rows = _rows(ctx.run_dir)
     scores = [(float(r[f"val_top1_{h}"]), -int(r["epoch"]), -i, h) for r in rows
               for i, h in enumerate(method.eval_heads())]
     best = max(scores)  # the first best wins: earlier epoch, then earlier head
-    assert method.selection["on"] == "val" and method.selection["among"] == "epochs and heads"
-    assert method.selection["chosen"] == {"epoch": -best[1], "head": best[3], "val_top1": best[0]}
+    assert selection["on"] == "val" and selection["among"] == "epochs and heads"
+    assert selection["chosen"] == {"epoch": -best[1], "head": best[3], "val_top1": best[0]}
     assert method.active_head == best[3] and summary.best_epoch == -best[1]
     full = FitContext(cfg, task, ctx.run_dir, ctx.device)
     before = predict(method, full, "test")
@@ -206,12 +208,12 @@ def test_linear_probe_head_trains_on_the_trainer(tmp_path: Path, tiny_backbone,
     calls: list[int] = []
     with monkeypatch.context() as m:
         m.setattr(tiny_backbone, "encode_image", lambda *a, **k: calls.append(1))
-        method.fit(ctx)
+        result = fit(method, ctx)
     assert not calls and not torch.equal(method.head.weight, start)
     rows = _rows(ctx.run_dir)
     assert len(rows) == 5 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
     vals = [float(r["val_top1"]) for r in rows]
-    assert method.selection["on"] == "val" and method.selection["chosen"]["epoch"] == 1 + int(np.argmax(vals))
+    assert result.selection.on == "val" and result.selection.chosen["epoch"] == 1 + int(np.argmax(vals))
 
 
 
@@ -223,13 +225,13 @@ def test_inputs_images_trains_a_features_method_on_a_live_forward(tmp_path, tiny
     spec = FeatureSpec(views=views, augment=AugSpec(scale=(0.8, 1.0), interpolation="bicubic"))
     task, cfg, ctx = _setup(tmp_path, tiny_backbone, [], monkeypatch)
     torch.manual_seed(0)
-    from_images = ToyFeatures(tiny_backbone, task.info(), spec, SimpleNamespace(inputs="images"))
+    from_images = ToyFeatures(tiny_backbone, task.info(), spec, InputsOption(inputs="images"))
     assert from_images.inputs == "images" and ToyFeatures.inputs == "features"
     if views:
         crop = repr(from_images.train_transform(0))
         assert "RandomResizedCrop" in crop and "scale=(0.8, 1.0)" in crop and "bicubic" in crop.lower()
         return
-    from_cache = ToyFeatures(tiny_backbone, task.info(), spec, SimpleNamespace(inputs="features"))
+    from_cache = ToyFeatures(tiny_backbone, task.info(), spec, InputsOption(inputs="features"))
     from_cache.load_state_dict(from_images.state_dict())
     before = from_cache.fc.weight.detach().clone()
     train(from_images, ctx)
@@ -241,6 +243,6 @@ def test_inputs_images_trains_a_features_method_on_a_live_forward(tmp_path, tiny
 
 def test_inputs_switch_is_checked(tiny_backbone) -> None:
     with pytest.raises(ConfigError, match="inputs='video'"):
-        ToyFeatures(tiny_backbone, color_task(2, 2).info(), cfg=SimpleNamespace(inputs="video"))
+        ToyFeatures(tiny_backbone, color_task(2, 2).info(), cfg=InputsOption(inputs="video"))
     with pytest.raises(ConfigError, match="candle.inputs"):
         load_config(None, ["method=candle", "candle.inputs=video"])

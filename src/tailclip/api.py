@@ -1,13 +1,12 @@
-"""The orchestrator behind `tailclip train|eval`: build backbone, task and method from a RunConfig, fit,
-evaluate every requested split, and write the run folder. Methods never handle run folders themselves."""
+"""The orchestrator behind `tailclip train|eval|predict`: build backbone, task and method from a RunConfig, fit
+(`engine.fit`), evaluate every requested split, and write the run folder."""
 
 from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,23 +14,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .config import RunConfig, load_config  # (re-exported: configs loaded through the api know every method)
+from . import __version__, report
+from .config import RunConfig, load_config  # noqa: F401  (load_config: re-exported for library users)
+from .contract import METHODS, FitContext, FitResult, Method, Predictions
 from .data.base import Task
-from .engine import distributed
-from .engine.checkpoint import META, load_checkpoint, read_meta, save_checkpoint, task_info
-from .engine.evaluate import in_label_space, label_space, resolve_device
+from .engine.checkpoint import save_checkpoint
+from .engine.evaluate import in_label_space, label_space, predict_split
+from .engine.fit import fit
 from .engine.metrics import classification_metrics
-from .engine.runs import RunDir, logits_file
+from .engine.runs import RunDir
+from .engine.trainer import StepCallback
 from .errors import ConfigError, DataError, TailclipError
 from .io import atomic_save_tensors, write_json
-from .methods import FitContext, Method, Predictions
 from .methods.loading import build, load_trained
-from .report import write_run_plots
+from .runfiles import EVALS, SHOT_INDICES, logits_file
+from .runtime import distributed, resolve_device
 
 log = logging.getLogger(__name__)
-
-SHOT_INDICES = "shot_indices.json"
 
 
 def group_counts(task: Task) -> np.ndarray | None:
@@ -95,8 +94,9 @@ def protocol_record(method: Method, ctx: FitContext) -> dict[str, Any]:
     return {**choices, **own, "differs": ", ".join(differs)}
 
 
-def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
-    """Predict every configured split, save its logits, and collect metrics into one results dict."""
+def evaluate(method: Method, ctx: FitContext, fitted: FitResult | None = None) -> dict[str, Any]:
+    """Predict every configured split, save its logits, and collect metrics into one results dict; `fitted`: what
+    fitting trained and chose (None when a trained run is evaluated again)."""
     counts = group_counts(ctx.task)
     results: dict[str, Any] = {
         "method": ctx.cfg.method,
@@ -115,7 +115,7 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
         if split not in ctx.task.splits:
             log.warning("dataset %s has no %s split; not evaluated", ctx.task.name, split)
             continue
-        preds = method.predict(ctx, split)
+        preds = predict_split(method, ctx, split)
         save_predictions(ctx.run_dir / logits_file(split), preds)
         logits, labels, split_counts = restrict_to_label_space(ctx.task, split, preds, counts,
                                                                ctx.cfg.eval.base_scoring)
@@ -130,25 +130,31 @@ def evaluate(method: Method, ctx: FitContext) -> dict[str, Any]:
     if {"test_base", "test_new"} <= set(results["splits"]):
         base, new = results["splits"]["test_base"]["top1"], results["splits"]["test_new"]["top1"]
         results.update(base=base, new=new, hm=harmonic_mean(base, new))
-    results.update(method.results())  # training summary, selection record, then extra_results()
-    results["protocol"] = protocol_record(method, ctx)
+    additions = {**(fitted.to_results() if fitted is not None else {}), method.name: method.extra_results(),
+                 "protocol": protocol_record(method, ctx)}
+    clash = sorted(k for k, v in additions.items() if k in results and v)
+    if clash:
+        raise TailclipError(f"method {method.name!r}: results.json entries {clash} would overwrite the run's own; "
+                            "register the method under another name")
+    results.update({k: v for k, v in additions.items() if v or k == "protocol"})
     return results
 
 
-def run(cfg: RunConfig, train: bool = True, overwrite: bool = False) -> Path:
+def run(cfg: RunConfig, train: bool = True, overwrite: bool = False, callbacks: Sequence[StepCallback] = ()) -> Path:
     """Fit and evaluate; returns the run folder. `train=False` (tailclip eval) refuses methods with
     trainable parameters, whose untrained evaluation would be meaningless, but still runs post-hoc fitting.
-    An existing run folder is reused only with `cfg.resume` (same run) or `overwrite` (see RunDir.for_config)."""
+    An existing run folder is reused only with `cfg.resume` (same run) or `overwrite` (see RunDir.for_config).
+    `callbacks` run after every optimizer step with the global step count."""
     _check_paper_protocol(cfg)
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)
     run_dir = RunDir.for_config(cfg, overwrite=overwrite)
     fresh = not overwrite and cfg.resume is None  # (for_config refuses a used folder without either)
     try:
-        _run_in(run_dir, cfg, device, train)
+        _run_in(run_dir, cfg, device, train, callbacks)
     except RefusedRun:
         if fresh and distributed.is_main_process():  # a refused command leaves nothing behind
-            shutil.rmtree(run_dir.path, ignore_errors=True)
+            run_dir.remove("a refused run")
         raise
     return run_dir.path
 
@@ -157,7 +163,8 @@ class RefusedRun(TailclipError):
     """A run refused once its method is built (e.g. `tailclip eval` of a method that trains)."""
 
 
-def _run_in(run_dir: RunDir, cfg: RunConfig, device: torch.device, train: bool) -> None:
+def _run_in(run_dir: RunDir, cfg: RunConfig, device: torch.device, train: bool,
+            callbacks: Sequence[StepCallback]) -> None:
     with run_dir, _marked(run_dir):
         run_dir.write_config(cfg)
         log.info("run folder %s", run_dir.path)
@@ -171,11 +178,11 @@ def _run_in(run_dir: RunDir, cfg: RunConfig, device: torch.device, train: bool) 
         if "shot_indices" in task.meta and distributed.is_main_process():
             # the exact K-shot draw, so a run can be re-created with data.apply_shots(..., indices=...)
             write_json(run_dir.path / SHOT_INDICES, task.meta["shot_indices"])
-        method.fit(FitContext(cfg, task.guarded(), run_dir.path, device))
+        fitted = fit(method, FitContext(cfg, task.guarded(), run_dir.path, device), callbacks)
         ctx = FitContext(cfg, task, run_dir.path, device)
         if method.num_trainable() > 0:
             save_checkpoint(method, ctx)
-        run_dir.write_results(evaluate(method, ctx))
+        run_dir.write_results(evaluate(method, ctx, fitted))
         _plots(cfg, run_dir.path)
         distributed.barrier()  # under torchrun every rank returns only once rank 0 has written results.json
 
@@ -183,8 +190,6 @@ def _run_in(run_dir: RunDir, cfg: RunConfig, device: torch.device, train: bool) 
 def _check_paper_protocol(cfg: RunConfig) -> None:
     """train.select_on=paper names a method's released test-set protocol: refused, before any folder or feature is
     written, for a method that declares none (it would otherwise be ignored or fail late)."""
-    from .methods import METHODS
-
     if cfg.train.select_on == "paper" and not METHODS.get(cfg.method).paper_protocol:
         with_one = sorted(name for name in METHODS if METHODS.get(name).paper_protocol)
         raise ConfigError(f"train.select_on=paper: method {cfg.method!r} declares no paper protocol (methods with "
@@ -207,50 +212,23 @@ def _marked(run_dir: RunDir) -> Iterator[None]:
 def _plots(cfg: RunConfig, path: Path) -> None:
     """Per-run plots (RUN_DIR/plots) on the main process; they never fail a finished run."""
     if cfg.eval.plots and distributed.is_main_process():
-        write_run_plots(path)
+        report.write_run_plots(path)
 
 
 def run_from_checkpoint(run_dir: Path, overrides: list[str] | None = None) -> Path:
     """`tailclip eval --checkpoint RUN_DIR`: evaluate a trained run again (e.g. with eval.tte=five_crop);
     results go to RUN_DIR/evals/<timestamp> unless output_dir/run_name are overridden."""
     run_dir = Path(run_dir)
-    defaults = [f"output_dir={run_dir / 'evals'}", f"run_name=eval-{time.strftime('%Y%m%d-%H%M%S')}"]
-    cfg, task, method, device = load_trained(run_dir, defaults + list(overrides or []))
+    defaults = [f"output_dir={run_dir / EVALS}", f"run_name=eval-{time.strftime('%Y%m%d-%H%M%S')}"]
+    trained = load_trained(run_dir, defaults + list(overrides or []))
+    cfg, task = trained.cfg, trained.task
+    assert task is not None
     out = RunDir.for_config(cfg)
     with out, _marked(out):
         out.write_config(cfg)
-        out.write_results(evaluate(method, FitContext(cfg, task, out.path, device)))
+        out.write_results(evaluate(trained.method, FitContext(cfg, task, out.path, trained.device)))
         _plots(cfg, out.path)
     return out.path
-
-
-def load_for_predict(run_dir: Path) -> tuple[list[str], Method, torch.device]:
-    """(class names, method, device) of a trained run from its folder alone: the method is rebuilt from the
-    TaskInfo stored in checkpoint.json, so the dataset may have moved or be gone. Runs saved before the
-    TaskInfo was stored are rebuilt through their dataset."""
-    from .backbones import create_backbone
-    from .methods import METHODS
-
-    run_dir = Path(run_dir)
-    meta = read_meta(run_dir)
-    info = task_info(meta, run_dir / META)
-    if info is None:
-        _cfg, task, method, device = load_trained(run_dir, [f"output_dir={run_dir / 'predict'}"])
-        return list(task.classnames), method, device
-    if not (run_dir / "config.yaml").is_file():
-        raise TailclipError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.train.seed)  # as when the run was built (random-weight test models)
-    backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
-                               memory_format=cfg.model.memory_format)
-    want = meta.get("backbone_fingerprint")
-    if want and backbone.fingerprint != want:
-        raise TailclipError(f"{run_dir / META}: the run was trained on backbone {cfg.model.name} with fingerprint "
-                            f"{want}, but {cfg.model.name} now loads weights with fingerprint {backbone.fingerprint}")
-    method = METHODS.get(cfg.method)(cfg.method_config(), backbone, info).to(device)
-    load_checkpoint(method, run_dir)
-    return list(info.classnames), method, device
 
 
 @torch.no_grad()
@@ -260,7 +238,8 @@ def predict_files(run_dir: Path, paths: list[Path], topk: int = 5) -> list[dict[
     from .data.base import FileImages
     from .data.transforms import eval_transform
 
-    classnames, method, device = load_for_predict(Path(run_dir))
+    trained = load_trained(Path(run_dir), [f"output_dir={Path(run_dir) / 'predict'}"], need_task=False)
+    classnames, method, device = trained.classnames, trained.method, trained.device
     transform = eval_transform(method.backbone.preprocess)
     images = FileImages("", [str(p) for p in paths])
     method.eval()

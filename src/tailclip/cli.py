@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import TailclipError
+from .runfiles import GRID_MD, REPORT_MD
 
 HELP = ("tailclip: adapt CLIP-style models to long-tailed and few-shot image recognition. Start with "
         "`tailclip demo`; `tailclip list methods|datasets|models|templates` shows what is available, and every "
@@ -136,7 +137,7 @@ def train(
     cfg = load_config(config, ovr)
     if print_params:
         from .api import build, param_report
-        from .engine.evaluate import resolve_device
+        from .runtime import resolve_device
 
         _, m = build(cfg, resolve_device(cfg.device))
         typer.echo(param_report(m))
@@ -146,7 +147,7 @@ def train(
 
         out = run_grid(cfg, _ints(shots) or [cfg.data.shots or 16], _ints(seeds) or [cfg.data.seed],
                        overwrite=overwrite)
-        typer.echo(Path(out / "grid.md").read_text() if (out / "grid.md").exists() else f"grid folder: {out}")
+        typer.echo(Path(out / GRID_MD).read_text() if (out / GRID_MD).exists() else f"grid folder: {out}")
         return
     from .api import run
 
@@ -219,7 +220,7 @@ def extract(
 
     _setup_logging()
     cfg = load_config(config, _overrides(None, dataset, model, root, None, None, overrides))
-    from .engine import distributed
+    from .runtime import distributed
 
     paths = extract_from_config(cfg, [s for s in splits.split(",") if s], views=views)
     if distributed.is_main_process():
@@ -332,7 +333,7 @@ def report(
         base = runs[0] if one else Path(os.path.commonpath([p.resolve().parent for p in runs]))
         out = base / "report"
     files = report_runs(runs, out, formats, plots=plots)
-    typer.echo(files["report.md"].read_text())
+    typer.echo(files[REPORT_MD].read_text())
     typer.echo("written: " + ", ".join(str(p) for name, p in files.items() if "/" not in name))
     if any(name.startswith("plots/") for name in files):
         typer.echo(f"plots: {out / 'plots'}")
@@ -362,7 +363,7 @@ def table(
     cli = _overrides(None, None, None, root, None, None, overrides)
     out = run_table(spec, output_dir, cli, name=name, seeds=_ints(seeds), shots=_ints(shots), plots=plots,
                     overwrite=overwrite)
-    typer.echo(f"# {spec.title}\n\n" + (out / "report" / "report.md").read_text())
+    typer.echo(f"# {spec.title}\n\n" + (out / "report" / REPORT_MD).read_text())
     typer.echo(f"table folder: {out}")
 
 
@@ -374,9 +375,8 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run folders of an earlier demo")] = False,
 ) -> None:
     """Run every method on the built-in synthetic world and print overall/many/medium/few accuracy."""
-    import shutil
-
     from .demo import ROWS, run_demo
+    from .engine.runs import RunDir
 
     _setup_logging()
     earlier = [Path(output_dir) / row.run_name for row in ROWS if (Path(output_dir) / row.run_name).exists()]
@@ -384,9 +384,7 @@ def demo(
         raise TailclipError(f"{output_dir} already holds a demo ({len(earlier)} run folders); pass --overwrite to "
                             "replace them, or another --output-dir")
     for path in earlier:  # run folders are reused only when asked (engine.runs): the demo asks for all at once
-        if not (path / "config.yaml").is_file():
-            raise TailclipError(f"--overwrite: {path} is not a run folder (no config.yaml); not deleting it")
-        shutil.rmtree(path)
+        RunDir(path).remove("--overwrite")
     typer.echo(run_demo(output_dir, quick=quick, progress=typer.echo))
 
 

@@ -55,8 +55,8 @@ class ModelConfig:
 
     name: str = "synthetic:tiny-clip"
     cache_dir: str | None = None  # where open_clip / Hugging Face look for local weights
-    # image tower weights' layout: auto = channels-last for convolutional towers (ResNets: +17-50 % img/s on
-    # this CPU, and what cuDNN's fast kernels want), contiguous for ViTs (measured no gain)
+    # image tower weights' layout: auto = channels-last for convolutional towers (faster, and what cuDNN's fast
+    # kernels want), contiguous for ViTs (no gain); measurements: benchmarks/README.md
     memory_format: str = "auto"
 
     def __post_init__(self) -> None:
@@ -186,8 +186,28 @@ class RunConfig:
         return getattr(self, self.method.replace("-", "_"), None)
 
 
-# Each method registers its options class here when it is defined (`methods.base.register_method`), so this
-# module never imports `tailclip.methods`: configuration sits below the methods in the import graph.
+@dataclass
+class FeatureOptions:
+    """The option every method config that reads the feature cache has (its fields come first)."""
+
+    feature_cache: str | None = None  # feature cache folder (default: $TAILCLIP_CACHE or ~/.cache/tailclip)
+
+
+@dataclass
+class InputsOption(FeatureOptions):
+    """A features method that can also train on a live forward of the frozen tower."""
+
+    inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
+
+
+def feature_cache_of(method_cfg: Any) -> str | None:
+    """The feature cache folder a method config names (None: the default folder)."""
+    return method_cfg.feature_cache if isinstance(method_cfg, FeatureOptions) else None
+
+
+# Each method registers its options class here when it is defined (`contract.register_method`, run when the
+# tailclip package is imported), so this module never imports `tailclip.methods`: configuration sits below the
+# methods in the import graph.
 METHOD_CONFIGS: dict[str, type | None] = {}
 # A method's fixed training recipe (LDC, Tip-Adapter-F) as defaults of the shared `train.*` keys: presets and
 # overrides change them like any default, so a `train.epochs=2` is always obeyed.
@@ -202,8 +222,7 @@ def register_method_config(method: str, config_cls: type | None, train_defaults:
 def _schema_for(method: str) -> type:
     """A dataclass extending RunConfig with one field, named after the method, holding its Config."""
     if method not in METHOD_CONFIGS:
-        known = ", ".join(sorted(METHOD_CONFIGS)) or "(none registered: import tailclip.methods or tailclip.api first)"
-        raise UnknownNameError(f"unknown method {method!r}; known methods: {known}")
+        raise UnknownNameError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHOD_CONFIGS))}")
     cfg_cls = METHOD_CONFIGS[method]
     if cfg_cls is None:
         return RunConfig

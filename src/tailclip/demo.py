@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .api import load_config, run
 from .report import report_runs
+from .runfiles import PLOTS, REPORT_MD, RESULTS, SHOT_INDICES
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,14 @@ class DemoRow:
     run_name: str
     overrides: list[str]
     quick: list[str] = field(default_factory=list)  # extra overrides for --quick (smoke runs)
-    seconds: float = 5.0  # relative cost (~seconds on 2 idle cores, cold caches): the ETA's weights, which the
-    # measured pace of the finished rows rescales
+    seconds: float = 5.0  # relative cost of the row: the ETA's weights, which the pace of the finished rows rescales
 
 
 # LIFT on 32 px shapes: crops down to 8 % of the area (LIFT's 224 px recipe) cut most of the shape away, so the
 # demo keeps crops >= 50 % (measured on synth-lt, 4 epochs lr 0.01: 63.96 top-1 with 0.08 vs 68.97 with 0.5).
 # One epoch with the cosine over its steps: LIFT's point is that a light tuner converges in few epochs. Measured on
-# synth-lt: 1 epoch 70.5 top-1 (few: LA 72.7 vs CE 47.5), 2 epochs (per-epoch cosine) 70.9; each epoch costs about
-# a sixth of the 5-minute budget on 2 cores, so the demo trains one.
+# synth-lt: 1 epoch 70.5 top-1 (few: LA 72.7 vs CE 47.5), 2 epochs (per-epoch cosine) 70.9; an epoch is a large
+# share of the 5-minute budget (benchmarks/README.md), so the demo trains one.
 LIFT_SYNTH = ["lift.crop_min_scale=0.5", "train.epochs=1", "train.sched_unit=step", "train.lr=0.02",
               "eval.splits=[val,test]"]
 # --quick (a smoke run of every row): LIFT trains on at most 8 images per class and skips the per-epoch val pass;
@@ -48,7 +48,7 @@ LIFT_QUICK = ["data.shots=8", "train.val_every=0"]
 PROBE_QUICK = ["linear_probe.search_steps=2", "linear_probe.max_iter=50"]
 
 # The probe's C search: 7 grid values + 3 log-space bisections (13 L-BFGS fits instead of 23 with the default 8; the
-# 3rd bisection already resolves C to ~0.25 decade) - the search is the most expensive part of the demo on 2 cores.
+# 3rd bisection already resolves C to ~0.25 decade) - the search is the most expensive part of the demo.
 PROBE_SEARCH = ["linear_probe.search_steps=3"]
 
 # Rows run in order; a row may refer to an earlier row's folder as {out}/<run_name>.
@@ -63,7 +63,7 @@ ROWS: list[DemoRow] = [
             quick=LIFT_QUICK, seconds=50),
     # Sage: SG-Adapter + 60-template init + compensated LA + FIT (Table 8's CIFAR beta = 100 settings), trained like
     # the LIFT rows (one epoch, cosine over its steps). FIT runs a second (frozen) forward per step and per test image,
-    # so an epoch costs ~1.3x LIFT's (measured on the sage branch, 1 epoch each: 1.34x).
+    # so an epoch costs more than LIFT's (benchmarks/README.md).
     DemoRow("Sage (SG-Adapter + CF + FIT)", "sage",
             ["method=sage", "sage.crop_min_scale=0.5", "train.epochs=1", "train.sched_unit=step", "train.lr=0.02",
              "eval.splits=[val,test]"],
@@ -89,14 +89,14 @@ ROWS: list[DemoRow] = [
             ["method=coop", "data.name=synth-fewshot", "data.shots=16", "coop.ctx_init=a photo of a", "coop.views=0",
              "train.epochs=5", "train.batch_size=32", "train.lr=0.002", "eval.splits=[val,test]"],
             quick=["train.epochs=1"]),
-    # LDC from cached taps of 4 augmented views (the released 50 epochs and lr 1e-4; ~5,000 rows/s on 2 cores)
+    # LDC from cached taps of 4 augmented views (the released 50 epochs and lr 1e-4)
     DemoRow("LDC [synth-fewshot 16-shot]", "fs-ldc",
             ["method=ldc", "data.name=synth-fewshot", "data.shots=16", "ldc.views=4", "eval.splits=[val,test]"],
             quick=["train.epochs=5"], seconds=20),
     DemoRow("GLA ensemble [synth-fewshot 16-shot]", "fs-gla-ensemble",
             ["method=gla", "data.name=synth-fewshot", "data.shots=16", "gla.mode=ensemble",
              "gla.finetuned_run={out}/fs-linear-probe"]),
-    # Candle on imbalanced base-to-new (r = 0.02), eval view only and few epochs to stay cheap on 2 CPU cores.
+    # Candle on imbalanced base-to-new (r = 0.02), eval view only and few epochs to stay within the demo's budget.
     DemoRow("Candle [synth-b2n-lt IR 50]", "b2n-candle",
             ["method=candle", "data.name=synth-b2n-lt", "data.imbalance_ratio=50", "candle.augment_views=0",
              "train.epochs=3", "train.lr=0.01", "train.warmup_epochs=1", "eval.splits=[val,test_base,test_new]"],
@@ -106,14 +106,14 @@ ROWS: list[DemoRow] = [
 
 def _images_seen(run_dir: Path, method_inputs: str) -> tuple[int, int]:
     """(images trained on, images scored) of a finished row, from its results.json."""
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / RESULTS).read_text())
     scored = sum(int(s.get("num_samples", 0)) for s in results.get("splits", {}).values())
     training = results.get("training") or {}
     counts = next((s["train_counts"] for s in results.get("splits", {}).values() if "train_counts" in s), None)
     if counts is not None:
         n_train = int(sum(counts))
     else:  # K-shot runs (--quick's LIFT rows) record no group counts: their draw says how many images trained
-        drawn = run_dir / "shot_indices.json"
+        drawn = run_dir / SHOT_INDICES
         n_train = len(json.loads(drawn.read_text()).get("train", [])) if drawn.is_file() else 0
     trained = int(training.get("epochs_run", 0)) * n_train if method_inputs == "images" else 0
     return trained, scored
@@ -127,7 +127,7 @@ def _clock(seconds: float) -> str:
 def run_demo(output_dir: str = "runs/demo", quick: bool = False,
              progress: Callable[[str], None] | None = None) -> str:
     """Run every row, reporting one progress line per row (to `progress`, else the log), then the table."""
-    from .methods.base import METHODS
+    from .contract import METHODS
 
     say = progress or log.info
     out = Path(output_dir)
@@ -151,4 +151,4 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False,
     files = report_runs(paths, out / "report", "md,csv,html", labels=[row.label for row in ROWS])
     header = "tailclip demo — synthetic world (synth-lt, beta=100; test set balanced, 100 classes)\n"
     total = f"\n{len(ROWS)} rows in {_clock(time.perf_counter() - start)} (budget {_clock(QUICK_BUDGET_S if quick else BUDGET_S)} on 2 idle CPU cores)\n"
-    return header + files["report.md"].read_text() + f"\nplots: {out / 'report' / 'plots'}\n" + total
+    return header + files[REPORT_MD].read_text() + f"\nplots: {out / 'report' / PLOTS}\n" + total

@@ -27,6 +27,7 @@ import yaml
 from .config import RunConfig, config_to_dict, key_differences
 from .errors import TailclipError
 from .io import atomic_write_text, write_json
+from .runfiles import CONFIG, GRID_JSON, GRID_MD, RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def cell_differences(cell_dir: Path, cfg: RunConfig) -> list[str]:
     """"key: stored -> requested" for every result-relevant key in which a finished cell's config.yaml differs
     from `cfg` (a key only one side has counts too)."""
-    path = cell_dir / "config.yaml"
+    path = cell_dir / CONFIG
     try:
         stored = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -124,7 +125,7 @@ def run_grid(cfg: RunConfig, shots: Sequence[int | None], seeds: Sequence[int],
             cell_cfg.run_name = cell_name(k, seed)
             path = grid_dir / cell_cfg.run_name
             redo = False
-            if (path / "results.json").is_file():
+            if (path / RESULTS).is_file():
                 diff = cell_differences(path, cell_cfg)
                 if diff and not overwrite:
                     raise TailclipError(f"{path} finished with another configuration ({'; '.join(diff)}); pass "
@@ -135,18 +136,18 @@ def run_grid(cfg: RunConfig, shots: Sequence[int | None], seeds: Sequence[int],
             if redo:
                 log.info("grid cell %s: configuration changed; rerunning it (--overwrite)", path.name)
                 path = Path(run_fn(cell_cfg, overwrite=True))
-            elif not (path / "results.json").is_file():
+            elif not (path / RESULTS).is_file():
                 log.info("grid cell shots=%s seed=%d", shots_label(k), seed)
                 if path.is_dir() and cell_cfg.resume is None:  # an interrupted cell continues (same config)
                     cell_cfg.resume = "auto"
                 path = Path(run_fn(cell_cfg))
-            results = json.loads((path / "results.json").read_text())
+            results = json.loads((path / RESULTS).read_text())
             cells.append({"shots": k, "seed": seed, "run_dir": str(path),
                           "results": {m: results.get(m) for m in METRICS}})
     summary = aggregate(cells)
     title = f"{cfg.method} on {cfg.data.name} ({cfg.model.name}): mean ± std over seeds {', '.join(map(str, seeds))}"
-    write_json(grid_dir / "grid.json", {"method": cfg.method, "dataset": cfg.data.name, "model": cfg.model.name,
+    write_json(grid_dir / GRID_JSON, {"method": cfg.method, "dataset": cfg.data.name, "model": cfg.model.name,
                                         "shots": shots, "seeds": seeds, "std": "population (ddof=0)",
                                         "summary": summary, "cells": cells})
-    atomic_write_text(grid_dir / "grid.md", format_grid(summary, title))
+    atomic_write_text(grid_dir / GRID_MD, format_grid(summary, title))
     return grid_dir

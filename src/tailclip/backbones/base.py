@@ -103,6 +103,10 @@ class HookPoints:
         finally:
             self._paused -= 1
 
+    def registered(self) -> list[str]:
+        """The hook points holding at least one hook (paused or not)."""
+        return sorted(name for name, fns in self._hooks.items() if fns)
+
     def __bool__(self) -> bool:
         """Whether the forward has hooks to apply now (False while paused)."""
         return not self._paused and any(self._hooks.values())
@@ -162,6 +166,12 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def visual_proj(self) -> Tensor | None:
         """(d, D) projection of the image tower (None where it is not a matrix, e.g. ResNet attention pooling)."""
+
+    @property
+    def pre_proj_width(self) -> int:
+        """Width of `encode_image(...).pre_proj`: d where the projection is a matrix, else D (a tower whose pooling
+        projects, e.g. ResNet attention pooling, has no separate pre-projection feature)."""
+        return self.width if self.visual_proj is not None else self.embed_dim
 
     @abstractmethod
     def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

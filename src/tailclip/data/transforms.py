@@ -198,3 +198,11 @@ def tte_transform(
     crop = T.FiveCrop(size) if mode == "five_crop" else T.TenCrop(size)
     resize = tte_resize(size) if resize is None else resize
     return T.Compose([T.Resize(resize, interpolation=interp), crop, StackCrops(T.Compose(_to_tensor(pre)))])
+
+
+def lift_test_transform(pre: Preprocess, patch_size: int | None, tte: str, interpolation: str) -> T.Compose:
+    """LIFT's test transforms (LIFT and Sage): Resize(S * 8 // 7) -> CenterCrop(S) without TTE; with TTE
+    Resize(S + 3p/2) -> five (ten) crops. Both rules scale with the model's image size (tiny 32 px CLIP: 36 -> 32)."""
+    if tte == "none":
+        return eval_transform(pre, lift_eval_resize(pre.image_size), interpolation)
+    return tte_transform(pre, tte, lift_tte_resize(pre.image_size, patch_size), interpolation)

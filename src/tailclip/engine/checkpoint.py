@@ -29,20 +29,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import config_to_dict, key_differences
+from ..contract import FitContext, Method
 from ..errors import TailclipError
 from ..io import atomic_save_tensors, atomic_write, atomic_write_text, file_checksum
-from . import distributed
+from ..runfiles import META, RESUME, WEIGHTS
+from ..runtime import distributed
 
 if TYPE_CHECKING:
     from ..config import RunConfig
     from ..data.base import TaskInfo
-    from ..methods.base import FitContext, Method
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "checkpoint.safetensors"
-META = "checkpoint.json"
-RESUME = "resume.pt"
 RESUME_VERSION = 2  # 2: epoch totals carry Output.extras; best carries the chosen head
 
 
@@ -69,6 +67,7 @@ def save_checkpoint(method: Method, ctx: FitContext) -> Path:
                  "shots": info.shots, "base_classes": info.base_classes, "new_classes": info.new_classes},
         "trainable_params": method.num_trainable(),
         "active_head": method.active_head,  # the head selection chose (methods with eval_heads), else null
+        "balances_prior": method.balances_prior(),  # its loss removed the train label prior (GLA source_prior=auto)
         "tensors": {k: list(v.shape) for k, v in state.items()},
         "weights_checksum": checksum,  # blake2b of checkpoint.safetensors: scrambled bytes are refused on load
     }

@@ -6,35 +6,20 @@ the shards are gathered and put back in split order on every rank."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..contract import FitContext, Method, Predictions
 from ..data.base import LabeledImages, collate_skip_none
-from . import distributed
-
-if TYPE_CHECKING:
-    from ..methods.base import FitContext, Method
+from ..runtime import autocast, distributed, iter_batches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Predictions:
-    """Logits of a whole split, rows in split order of the images that could be read."""
-
-    logits: Tensor  # (N, C) float32 on CPU
-    labels: Tensor  # (N,) int64
-    indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
-    skipped: list[str] = field(default_factory=list)
-    heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
 
 
 def label_space(task: Any, split: str, base_scoring: str = "base") -> list[int] | None:
@@ -62,32 +47,6 @@ def in_label_space(task: Any, split: str, preds: Predictions, base_scoring: str 
                        {h: v[:, cols] for h, v in preds.heads.items()})
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available (under torchrun: this rank's GPU, cuda:LOCAL_RANK), else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            info = distributed.env_info()
-            return torch.device(f"cuda:{info.local_rank}" if info.enabled else "cuda")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """fp32: nothing; amp: fp16 on CUDA (bf16 on CPU, which has no fast fp16); amp_bf16: bf16; fp16_weights
-    (training only): fp16 on every device, as the released fp16 models compute."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device, precision))
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "fp16_weights":
-        return torch.float16
-    return torch.bfloat16 if precision == "amp_bf16" or device.type == "cpu" else torch.float16
-
-
 def image_loader(
     ctx: FitContext, split: str, transform, batch_size: int, shuffle: bool = False,
     indices: np.ndarray | None = None, persistent: bool = False,
@@ -109,14 +68,6 @@ def image_loader(
     return loader, dataset
 
 
-def iter_batches(loader: torch.utils.data.DataLoader, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    disable = None if distributed.is_main_process() else True
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=disable):
-        if batch is None:  # every item of this batch was a skipped bad image
-            continue
-        yield batch
-
-
 def ensemble_logits(forward: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     """Logits of a batch; a (B, crops, 3, H, W) batch (five/ten-crop TTE) gives the mean logits over crops."""
     if images.ndim == 5:
@@ -136,9 +87,21 @@ def _stack_outputs(method: Method, images: Tensor) -> Tensor:
     return ensemble_logits(forward, images).view(images.shape[0], 1 + len(heads), -1)
 
 
+def predict_split(method: Method, ctx: FitContext, split: str) -> Predictions:
+    """A split's logits as a run reports them: the method's own predictions when it computes them (GLA), else the
+    engine's loop with the evaluation settings the method asks for (`Method.eval_config`)."""
+    own = method.own_predictions(ctx, split)
+    if own is not None:
+        return own
+    evaluation = method.eval_config(ctx.cfg.eval)
+    if evaluation != ctx.cfg.eval:
+        ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, eval=evaluation))
+    return predict(method, ctx, split)
+
+
 def predict(method: Method, ctx: FitContext, split: str, tte: str | None = None, desc: str | None = None,
             loaders: dict | None = None) -> Predictions:
-    """`Method.predict`'s default: images through the method, or the split's cached features for feature methods.
+    """The engine's loop: images through the method, or the split's cached features for feature methods.
     `loaders`: a dict the caller keeps to reuse image loaders (and their workers) across calls."""
     if method.inputs == "features":
         return predict_features(method, ctx, split, desc)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..contract import FitContext, Inputs, Method
 from ..data.base import LabeledImages, collate_skip_none
 from ..data.decode import EncodedItems, collate_encoded, decode_batch, reads_files
 from ..data.transforms import TrainCrop, train_transform
@@ -28,7 +29,6 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
-    from ..methods.base import FitContext, Inputs, Method
     from .trainer import StepPlan
 
 
@@ -51,7 +51,7 @@ class SeededItems(torch.utils.data.Dataset):
 
     fork_rng restores the caller's RNG afterwards, so augmentation never perturbs the training RNG stream. Only the
     CPU generator is seeded (what transforms draw from): `torch.manual_seed` would also queue lazy CUDA/XPU/MTIA
-    seeding, each recording a stack trace, which cost ~5 ms per image, more than the tiny model's step."""
+    seeding, each recording a stack trace, which cost more than the tiny model's step (benchmarks/README.md)."""
 
     def __init__(self, items: LabeledImages, seed: int) -> None:
         self.items = items

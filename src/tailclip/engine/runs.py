@@ -1,8 +1,9 @@
-"""One folder per run: config.yaml, log.txt, metrics.csv, results.json, logits, checkpoints, plots.
+"""One folder per run (its file names: `tailclip.runfiles`): config, status, metrics, results, logits, checkpoint,
+plots.
 
 `RunDir` is also the one place that reads another run's outputs (its config, saved logits, results and
-checkpoint), so ensembles of a fine-tuned run (GLA today; Candle, CoOp runs next) never parse run folders
-themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option, so one preset
+checkpoint) and the one place that deletes a run folder (`remove`), so ensembles of a fine-tuned run (GLA, WiSE-FT)
+never parse run folders themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option, so one preset
 can point at the matching cell of a few-shot grid.
 
 Safety of an existing folder: `for_config` accepts a run name that already holds files only with `resume`
@@ -26,26 +27,17 @@ from torch import Tensor
 from ..config import DataConfig, RunConfig, dump_config, load_config
 from ..errors import ConfigError, TailclipError
 from ..io import write_json
-from . import distributed
-from .checkpoint import RESUME, WEIGHTS, read_weights, resume_differences, resume_fingerprint
+from ..runfiles import CONFIG, RESULTS, RESUME, STATUS, WEIGHTS, logits_file
+from ..runtime import distributed
+from .checkpoint import read_weights, resume_differences, resume_fingerprint
 
 if TYPE_CHECKING:
     from ..data.base import Task
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.yaml"
-RESULTS = "results.json"
-STATUS = "status.json"
-
-
 def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def logits_file(split: str) -> str:
-    """File name of a split's saved predictions (logits, labels, split indices) in a run folder."""
-    return f"logits_{split}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -94,10 +86,8 @@ class RunDir:
             if cfg.resume is not None:
                 raise ConfigError(f"run {self.path.name!r}: resume={cfg.resume} and --overwrite contradict each "
                                   "other; pass one of them")
-            if not (self.path / CONFIG).is_file():
-                raise TailclipError(f"--overwrite: {self.path} is not a run folder (no {CONFIG}); not deleting it")
             log.warning("--overwrite: replacing run folder %s", self.path)
-            shutil.rmtree(self.path)
+            self.remove("--overwrite")
         elif used and cfg.resume is None:
             raise TailclipError(f"run folder {self.path} already exists; pass --resume auto to continue that run, "
                                 "--overwrite to replace it, or another --name (from Python: resume=auto, "
@@ -156,6 +146,12 @@ class RunDir:
             self._handler = None
 
     # ------------------------------------------------------------------ writing this run
+    def remove(self, reason: str) -> None:
+        """Delete the run folder, which must be one (it holds its config): no other folder is ever deleted."""
+        if not (self.path / CONFIG).is_file():
+            raise TailclipError(f"{reason}: {self.path} is not a run folder (no {CONFIG}); not deleting it")
+        shutil.rmtree(self.path)
+
     def write_config(self, cfg: RunConfig) -> None:
         if distributed.is_main_process():
             dump_config(cfg, self.path / CONFIG)

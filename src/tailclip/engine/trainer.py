@@ -1,4 +1,4 @@
-"""The one training loop of every method that trains by gradient steps (`Method.fit` calls `train(method, ctx)`).
+"""The one training loop of every method that trains by gradient steps (`engine.fit` calls `train(method, ctx)`).
 
 Batches are images or cached features, as the method's `inputs` declares: image methods get (B, 3, H, W)
 tensors of augmented crops; feature methods get dicts of named cached tensors described by their
@@ -28,13 +28,11 @@ import dataclasses
 import io
 import logging
 import math
-import os
 import random
-import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +40,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
+from ..contract import FitContext, FitResult, Inputs, Method, Predictions, SelectionRecord, TrainSummary
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from . import distributed
+from ..runfiles import METRICS_CSV, TENSORBOARD
+from ..runtime import autocast, autocast_dtype, distributed
 from .checkpoint import (
     find_resume_state,
     load_resume_state,
@@ -53,21 +54,14 @@ from .checkpoint import (
     save_resume_state,
     set_rng_state,
 )
-from .evaluate import Predictions, autocast, autocast_dtype, in_label_space, predict
+from .evaluate import in_label_space, predict
 from .image_batches import ImageBatches, sample_seed
 from .schedule import learning_rate
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..methods.base import FitContext, Inputs, Method
-
 log = logging.getLogger(__name__)
 
-METRICS_CSV = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "lr", "loss", "train_acc", "val_top1", "images_per_s", "epoch_time_s")
 HEADS_AMONG = "heads"
-# Test hook: SIGKILL this process right after the given global optimizer step (resume-after-kill tests).
-KILL_ENV = "TAILCLIP_DEBUG_KILL_AFTER_STEP"
 
 
 def seed_everything(seed: int) -> None:
@@ -121,21 +115,6 @@ def plan_epoch(order: np.ndarray, batch_size: int, grad_accum: int, rank: int, w
 
 
 @dataclass
-class TrainSummary:
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_metric: float | None = None  # top-1 (%) of the chosen epoch/head on the selection split
-    selected_on: str | None = None  # the split selection used (None: the last epoch was kept)
-    resumed_from: str | None = None
-    skipped_train_images: list[str] = field(default_factory=list)  # unreadable under data.on_bad_image=skip
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epochs_run": len(self.history), "best_epoch": self.best_epoch, "best_metric": self.best_metric,
-                "selected_on": self.selected_on, "resumed_from": self.resumed_from,
-                "skipped_train_images": self.skipped_train_images}
-
-
-@dataclass
 class Selection:
     """How `train.select_on` applies to one method and task.
 
@@ -151,13 +130,10 @@ class Selection:
     def on_test(self) -> bool:
         return self.split is not None and self.split.startswith("test")
 
-    def record(self, chosen: dict[str, Any]) -> dict[str, Any]:
+    def record(self, chosen: dict[str, Any]) -> SelectionRecord:
         """The entry results.json carries under "selection"."""
-        out: dict[str, Any] = {"on": self.split or "none", "among": " and ".join(self.among) or "nothing",
-                               "chosen": chosen, "selected_on_test": self.on_test}
-        if self.paper:
-            out["protocol"] = self.paper
-        return out
+        return SelectionRecord(self.split or "none", " and ".join(self.among) or "nothing", chosen, self.on_test,
+                               self.paper)
 
 
 def resolve_selection(method: Method, task: Any, cfg: TrainConfig) -> Selection:
@@ -247,10 +223,7 @@ class _FeatureBatches:
     def __init__(self, method: Method, ctx: FitContext, cfg: TrainConfig) -> None:
         self.spec = method.feature_spec()
         self.seed = cfg.seed
-        sets = [method.cached_features(ctx, "train", view=v) for v in self.spec.view_names()]
-        for fs in sets[1:]:
-            if not torch.equal(fs.indices, sets[0].indices):
-                raise RuntimeError("the cached views of the train split cover different images")
+        sets = method.cached_views(ctx, "train").views
         device = ctx.device
         self.labels = sets[0].labels.to(device)
         self.skipped = set(sets[0].skipped)  # the cache lists the images it could not read
@@ -336,182 +309,239 @@ def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
     return inputs.to(device, non_blocking=True)
 
 
-def train(method: Method, ctx: FitContext) -> TrainSummary:
+StepCallback = Callable[[int], None]  # called after every optimizer step with the global step count
+
+
+@dataclass
+class Best:
+    """The best candidate so far: its score on the selection split, epoch (1-based), head, and weights (None when
+    only heads are selected among)."""
+
+    metric: float
+    epoch: int
+    head: str | None
+    state: dict[str, Tensor] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Position:
+    """Where this process starts training (a resumed run: the epoch and the step in it) and the optimizer steps
+    taken over the whole run."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+
+def train(method: Method, ctx: FitContext, callbacks: Sequence[StepCallback] = ()) -> FitResult:
     """Train `method` on ctx.task's train split with `method.train_config(ctx.cfg.train)`; leaves the selected
-    weights (and head) in `method`, and the summary and selection record on it for results.json."""
-    cfg = method.train_config(ctx.cfg.train)
-    device = ctx.device
-    distributed.init_distributed(device)
-    rank, world = distributed.rank(), distributed.world_size()
-    main = distributed.is_main_process()
-    selection = resolve_selection(method, ctx.task, cfg)
-    eval_ctx = dataclasses.replace(ctx, task=ctx.task.unguarded()) if selection.on_test else ctx
-    has_val = "val" in ctx.task.splits
-    per_rank = cfg.batch_size / world
-    if per_rank < 1:
-        raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the number of processes ({world})")
+    weights (and head) in `method` and returns the training summary and the selection record. `callbacks` run after
+    every optimizer step (tests kill the process there)."""
+    run = _Training(method, ctx, callbacks)
+    try:
+        if not run.restore():  # (a finished run restored from its resume state trains no further)
+            run.log_start()
+            for epoch in range(run.pos.epoch, run.cfg.epochs):
+                run.run_epoch(epoch)
+            run.summary.skipped_train_images = sorted(run.source.skipped)
+    finally:
+        run.close()
+    selection = _finish_selection(method, run.selection, run.best, run.summary)
+    weights_to(method, torch.float32)  # fp16_weights: back to fp32 (exact) for evaluation and the checkpoint
+    return FitResult(run.summary, selection)
 
-    seed_everything(cfg.seed)
-    source: ImageBatches | _FeatureBatches = (
-        _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else ImageBatches(method, ctx, cfg)
-    )
-    n = len(source)
-    n_steps = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
-    fingerprint = resume_fingerprint(ctx.cfg)
 
-    fp16_weights = cfg.precision == "fp16_weights"
-    if fp16_weights:
-        weights_to(method, torch.float16)
-    optimizer = build_optimizer(method, cfg)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    use_scaler = device.type == "cuda" and autocast_dtype(device, cfg.precision) == torch.float16 and not fp16_weights
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+class _Training:
+    """One training run's state: the batch source, optimizer, epoch totals, best candidate and position."""
 
-    summary = TrainSummary()
-    method.train_summary = summary
-    start_epoch, start_step, global_step = 0, 0, 0
-    totals = _Totals(device)
-    best: dict[str, Any] | None = None
-    resume_path = find_resume_state(ctx.cfg.resume, ctx.run_dir)
-    if resume_path is not None:
-        state = load_resume_state(resume_path, fingerprint)
-        method.load_checkpoint_state({k: v.to(device) for k, v in state["trainable"].items()})
-        summary.history = list(state["history"])
-        summary.resumed_from = f"{resume_path} (epoch {state['epoch']}, step {state['step']})"
-        best = state.get("best")
-        if state.get("finished"):
-            log.info("resume: %s holds a finished training run; nothing left to train", resume_path)
-            _finish_selection(method, selection, best, summary)
-            weights_to(method, torch.float32)
-            return summary
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") and use_scaler:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        if main:  # other ranks start from zero: the epoch totals are summed over ranks at the end
-            totals.load(state["totals"])
-        log.info("resumed from %s", summary.resumed_from)
-
-    model: nn.Module = method
-    if world > 1:
-        model = DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True,
+    def __init__(self, method: Method, ctx: FitContext, callbacks: Sequence[StepCallback]) -> None:
+        self.method, self.ctx, self.callbacks = method, ctx, list(callbacks)
+        self.cfg = cfg = method.train_config(ctx.cfg.train)
+        self.device = ctx.device
+        distributed.init_distributed(self.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = distributed.is_main_process()
+        self.selection = resolve_selection(method, ctx.task, cfg)
+        self.eval_ctx = dataclasses.replace(ctx, task=ctx.task.unguarded()) if self.selection.on_test else ctx
+        if cfg.batch_size / self.world < 1:
+            raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the number of processes ({self.world})")
+        seed_everything(cfg.seed)
+        self.source: ImageBatches | _FeatureBatches = (
+            _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else ImageBatches(method, ctx, cfg)
         )
-    tb = _TensorBoard(cfg.tensorboard, ctx.run_dir / "tensorboard")
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    last_save = time.monotonic()
+        self.n = len(self.source)
+        self.n_steps = steps_per_epoch(self.n, cfg.batch_size, cfg.drop_last)
+        self.fingerprint = resume_fingerprint(ctx.cfg)
+        self.fp16_weights = cfg.precision == "fp16_weights"
+        if self.fp16_weights:
+            weights_to(method, torch.float16)
+        self.optimizer = build_optimizer(method, cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.use_scaler = (self.device.type == "cuda" and not self.fp16_weights
+                           and autocast_dtype(self.device, cfg.precision) == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.summary = TrainSummary()
+        self.pos = Position()
+        self.totals = _Totals(self.device)
+        self.best: Best | None = None
+        self.model: nn.Module = method
+        self.tb: _TensorBoard | None = None
+        self.last_save = time.monotonic()
+        self.eval_loaders: dict = {}  # (split, tte) -> the validation loader, reused every epoch
 
-    def resume_state(epoch: int, step: int, finished: bool = False) -> dict[str, Any]:
-        base, extras = totals.reduced(world)
+    def restore(self) -> bool:
+        """Continue from the resume state `resume` points to, if any; True when that state had finished training."""
+        ctx, method = self.ctx, self.method
+        path = find_resume_state(ctx.cfg.resume, ctx.run_dir)
+        if path is not None:
+            state = load_resume_state(path, self.fingerprint)
+            method.load_checkpoint_state({k: v.to(self.device) for k, v in state["trainable"].items()})
+            self.summary.history = list(state["history"])
+            self.summary.resumed_from = f"{path} (epoch {state['epoch']}, step {state['step']})"
+            self.best = Best(**state["best"]) if state.get("best") else None
+            if state.get("finished"):
+                log.info("resume: %s holds a finished training run; nothing left to train", path)
+                return True
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler") and self.use_scaler:
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            self.pos = Position(state["epoch"], state["step"], state["global_step"])
+            if self.main:  # other ranks start from zero: the epoch totals are summed over ranks at the end
+                self.totals.load(state["totals"])
+            log.info("resumed from %s", self.summary.resumed_from)
+        if self.world > 1:
+            self.model = DistributedDataParallel(
+                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True,
+            )
+        self.tb = _TensorBoard(self.cfg.tensorboard, ctx.run_dir / TENSORBOARD)
+        self.last_save = time.monotonic()
+        return False
+
+    def log_start(self) -> None:
+        cfg, method, sel = self.cfg, self.method, self.selection
+        log.info(
+            "training %d trainable parameters on %d %s: %d epochs x %d steps, global batch %d (%d process(es), "
+            "grad_accum %d), %s, %s; selection: %s", method.num_trainable(), self.n,
+            "cached feature rows" if method.inputs == "features" else "images", cfg.epochs, self.n_steps,
+            cfg.batch_size, self.world, cfg.grad_accum, cfg.optimizer, cfg.precision,
+            f"best of {' and '.join(sel.among)} on {sel.split}" if sel.split else "last epoch",
+        )
+
+    def resume_state(self, epoch: int, step: int, finished: bool = False) -> dict[str, Any]:
+        base, extras = self.totals.reduced(self.world)
         return {
-            "fingerprint": fingerprint, "epoch": epoch, "step": step, "global_step": global_step,
-            "finished": finished, "trainable": method.checkpoint_state(),
-            "optimizer": None if finished else optimizer.state_dict(),
-            "scaler": scaler.state_dict() if use_scaler and not finished else None,
-            "rng": rng_state(), "totals": {"base": base, "extras": extras}, "history": summary.history, "best": best,
-            "world_size": world,
+            "fingerprint": self.fingerprint, "epoch": epoch, "step": step, "global_step": self.pos.global_step,
+            "finished": finished, "trainable": self.method.checkpoint_state(),
+            "optimizer": None if finished else self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_scaler and not finished else None,
+            "rng": rng_state(), "totals": {"base": base, "extras": extras}, "history": self.summary.history,
+            "best": self.best.to_dict() if self.best is not None else None, "world_size": self.world,
         }
 
-    log.info(
-        "training %d trainable parameters on %d %s: %d epochs x %d steps, global batch %d (%d process(es), "
-        "grad_accum %d), %s, %s; selection: %s", method.num_trainable(), n,
-        "cached feature rows" if method.inputs == "features" else "images", cfg.epochs, n_steps,
-        cfg.batch_size, world, cfg.grad_accum, cfg.optimizer, cfg.precision,
-        f"best of {' and '.join(selection.among)} on {selection.split}" if selection.split else "last epoch",
-    )
-    eval_loaders: dict = {}  # (split, tte) -> the validation loader, reused every epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            method.on_epoch_start(epoch, cfg.epochs)
-            _set_train_mode(method)
-            plan = plan_epoch(epoch_order(n, cfg.seed, epoch), cfg.batch_size, cfg.grad_accum, rank, world,
-                              cfg.drop_last)
-            first = start_step if epoch == start_epoch else 0
-            if first == 0:
-                totals.zero()
-            batches = source.epoch(epoch, plan[first:])
-            t0, seen = time.perf_counter(), 0
-            lr = learning_rate(cfg, epoch, first, n_steps)
-            bar = tqdm(total=n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                       leave=False, dynamic_ncols=True, disable=None if main else True)
-            for step in range(first, n_steps):
-                lr = learning_rate(cfg, epoch, step, n_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                st = plan[step]
-                for j, mb in enumerate(st.micro):
-                    batch = next(batches)
-                    sync = j == len(st.micro) - 1
-                    ctx_sync = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx_sync:
-                        seen += _micro_step(model, batch, mb, st, world, device, cfg.precision, scaler, totals)
-                if cfg.clip_grad_norm:
-                    if scaler.is_enabled():
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                if scaler.is_enabled():
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                method.after_step(global_step)
-                bar.update(1)
-                if main and not bar.disable and (bar.n % 10 == 0 or step == n_steps - 1):
-                    rate = seen * world / max(time.perf_counter() - t0, 1e-9)
-                    running = float(totals.base[0]) / max(float(totals.base[2]), 1.0)
-                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", per_s=f"{rate:.1f}")
-                tb.scalar("train/lr", lr, global_step)
-                if step < n_steps - 1 and _should_save(cfg, global_step, last_save, world):
-                    save_resume_state(ctx.run_dir, resume_state(epoch, step + 1))
-                    last_save = time.monotonic()
-                if kill_after and global_step == kill_after:
-                    log.warning("%s=%d: killing this process now (test hook)", KILL_ENV, kill_after)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            bar.close()
-            elapsed = time.perf_counter() - t0
-            base, extras = totals.reduced(world)
-            count = max(float(base[2]), 1.0)
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "lr": lr, "loss": float(base[0]) / count, "train_acc": 100.0 * float(base[1]) / count,
-                "val_top1": None, "images_per_s": round(seen * world / max(elapsed, 1e-9), 2),
-                "epoch_time_s": round(elapsed, 3),
-            }
-            clash = set(extras) & set(METRIC_COLUMNS)
-            if clash:
-                raise RuntimeError(f"Output.extras names {sorted(clash)} clash with metrics.csv columns")
-            row.update({k: v / count for k, v in extras.items()})
-            last = epoch == cfg.epochs - 1
-            if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last) or (selection.split and last):
-                with autocast(device, cfg.precision) if fp16_weights else contextlib.nullcontext():
-                    best = _evaluate_epoch(method, ctx, eval_ctx, selection, has_val, epoch, last, row, best,
-                                           eval_loaders)
-            summary.history.append(row)
-            log.info("epoch %d/%d  lr %.3g  %s  (%.1f %s/s)", epoch + 1, cfg.epochs, lr,
-                     "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                               if k not in ("epoch", "lr", "images_per_s", "epoch_time_s") and v is not None),
-                     row["images_per_s"], "rows" if method.inputs == "features" else "img")
-            for key, value in row.items():
-                if key not in ("epoch", "lr") and isinstance(value, float):
-                    tb.scalar(f"epoch/{key}", value, epoch + 1)
-            if main:
-                write_metrics_csv(ctx.run_dir / METRICS_CSV, summary.history)
-            totals.zero()
-            save_resume_state(ctx.run_dir, resume_state(epoch + 1, 0, finished=last))
-            last_save = time.monotonic()
-            start_step = 0
-    finally:
-        tb.close()
-        if isinstance(source, ImageBatches):
-            source.close()
-        eval_loaders.clear()  # their persistent workers stop
-    summary.skipped_train_images = sorted(source.skipped)
-    _finish_selection(method, selection, best, summary)
-    weights_to(method, torch.float32)  # fp16_weights: back to fp32 (exact) for evaluation and the checkpoint
-    return summary
+    def run_epoch(self, epoch: int) -> None:
+        """The epoch's optimizer steps (from the resumed step in a resumed epoch), then `end_epoch`."""
+        cfg, method = self.cfg, self.method
+        method.on_epoch_start(epoch, cfg.epochs)
+        _set_train_mode(method)
+        plan = plan_epoch(epoch_order(self.n, cfg.seed, epoch), cfg.batch_size, cfg.grad_accum, self.rank,
+                          self.world, cfg.drop_last)
+        first = self.pos.step if epoch == self.pos.epoch else 0
+        if first == 0:
+            self.totals.zero()
+        batches = self.source.epoch(epoch, plan[first:])
+        t0, seen = time.perf_counter(), 0
+        lr = learning_rate(cfg, epoch, first, self.n_steps)
+        bar = tqdm(total=self.n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   leave=False, dynamic_ncols=True, disable=None if self.main else True)
+        for step in range(first, self.n_steps):
+            lr = learning_rate(cfg, epoch, step, self.n_steps)
+            seen += self.optimizer_step(plan[step], batches, lr)
+            bar.update(1)
+            if self.main and not bar.disable and (bar.n % 10 == 0 or step == self.n_steps - 1):
+                rate = seen * self.world / max(time.perf_counter() - t0, 1e-9)
+                running = float(self.totals.base[0]) / max(float(self.totals.base[2]), 1.0)
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", per_s=f"{rate:.1f}")
+            assert self.tb is not None
+            self.tb.scalar("train/lr", lr, self.pos.global_step)
+            if step < self.n_steps - 1 and _should_save(cfg, self.pos.global_step, self.last_save, self.world):
+                save_resume_state(self.ctx.run_dir, self.resume_state(epoch, step + 1))
+                self.last_save = time.monotonic()
+            for callback in self.callbacks:
+                callback(self.pos.global_step)
+        bar.close()
+        self.end_epoch(epoch, lr, seen, time.perf_counter() - t0)
+
+    def optimizer_step(self, st: StepPlan, batches: Iterator[tuple[Inputs, Tensor] | None], lr: float) -> int:
+        """One optimizer step over the step's micro-batches; returns the images this rank trained on."""
+        cfg, world, optimizer, scaler = self.cfg, self.world, self.optimizer, self.scaler
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        seen = 0
+        for j, mb in enumerate(st.micro):
+            batch = next(batches)
+            sync = j == len(st.micro) - 1
+            no_sync = self.model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with no_sync:
+                seen += _micro_step(self.model, batch, mb, st, world, self.device, cfg.precision, scaler, self.totals)
+        if cfg.clip_grad_norm:
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.pos.global_step += 1
+        self.method.after_step(self.pos.global_step)
+        return seen
+
+    def end_epoch(self, epoch: int, lr: float, seen: int, elapsed: float) -> None:
+        """The epoch's metrics row (validation and selection included), its logs, and the resume state."""
+        cfg, method = self.cfg, self.method
+        base, extras = self.totals.reduced(self.world)
+        count = max(float(base[2]), 1.0)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": lr, "loss": float(base[0]) / count, "train_acc": 100.0 * float(base[1]) / count,
+            "val_top1": None, "images_per_s": round(seen * self.world / max(elapsed, 1e-9), 2),
+            "epoch_time_s": round(elapsed, 3),
+        }
+        clash = set(extras) & set(METRIC_COLUMNS)
+        if clash:
+            raise RuntimeError(f"Output.extras names {sorted(clash)} clash with metrics.csv columns")
+        row.update({k: v / count for k, v in extras.items()})
+        last = epoch == cfg.epochs - 1
+        if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last) or (self.selection.split and last):
+            with autocast(self.device, cfg.precision) if self.fp16_weights else contextlib.nullcontext():
+                self.best = _evaluate_epoch(method, self.ctx, self.eval_ctx, self.selection, epoch, last, row,
+                                            self.best, self.eval_loaders)
+        self.summary.history.append(row)
+        log.info("epoch %d/%d  lr %.3g  %s  (%.1f %s/s)", epoch + 1, cfg.epochs, lr,
+                 "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                           if k not in ("epoch", "lr", "images_per_s", "epoch_time_s") and v is not None),
+                 row["images_per_s"], "rows" if method.inputs == "features" else "img")
+        assert self.tb is not None
+        for key, value in row.items():
+            if key not in ("epoch", "lr") and isinstance(value, float):
+                self.tb.scalar(f"epoch/{key}", value, epoch + 1)
+        if self.main:
+            write_metrics_csv(self.ctx.run_dir / METRICS_CSV, self.summary.history)
+        self.totals.zero()
+        save_resume_state(self.ctx.run_dir, self.resume_state(epoch + 1, 0, finished=last))
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if isinstance(self.source, ImageBatches):
+            self.source.close()
+        self.eval_loaders.clear()  # their persistent workers stop
 
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -530,14 +560,14 @@ def weights_to(method: Method, dtype: torch.dtype) -> None:
 
 
 def _evaluate_epoch(
-    method: Method, ctx: FitContext, eval_ctx: FitContext, selection: Selection, has_val: bool, epoch: int,
-    last: bool, row: dict[str, Any], best: dict[str, Any] | None, loaders: dict,
-) -> dict[str, Any] | None:
+    method: Method, ctx: FitContext, eval_ctx: FitContext, selection: Selection, epoch: int, last: bool,
+    row: dict[str, Any], best: Best | None, loaders: dict,
+) -> Best | None:
     """Score the val split (reported) and the selection split; keep the best candidate (the first best wins, as
     in the released loops: a later epoch must be strictly better). `loaders` keeps the image loaders, and their
     workers, from one epoch to the next."""
     preds: dict[str, Predictions] = {}
-    for split in dict.fromkeys(s for s in (("val" if has_val else None), selection.split) if s):
+    for split in dict.fromkeys(s for s in (("val" if "val" in ctx.task.splits else None), selection.split) if s):
         raw = predict(method, eval_ctx if split == selection.split else ctx, split, tte="none",
                       desc=f"{split} {epoch + 1}", loaders=loaders)
         preds[split] = in_label_space(ctx.task, split, raw)  # base-to-new: val is scored among base classes
@@ -550,9 +580,8 @@ def _evaluate_epoch(
     candidates = sel.heads if HEADS_AMONG in selection.among else {None: sel.logits}
     for head, logits in candidates.items():
         metric = top1(logits, sel.labels)
-        if best is None or metric > best["metric"]:
-            best = {"metric": metric, "epoch": epoch + 1, "head": head,
-                    "state": _snapshot(method) if "epochs" in selection.among else None}
+        if best is None or metric > best.metric:
+            best = Best(metric, epoch + 1, head, _snapshot(method) if "epochs" in selection.among else None)
     return best
 
 
@@ -591,23 +620,22 @@ def _should_save(cfg: TrainConfig, global_step: int, last_save: float, world: in
     return by_steps or by_time
 
 
-def _finish_selection(method: Method, selection: Selection, best: dict[str, Any] | None,
-                      summary: TrainSummary) -> None:
-    """Load the chosen epoch's weights and head into the method and record the choice on it."""
+def _finish_selection(method: Method, selection: Selection, best: Best | None,
+                      summary: TrainSummary) -> SelectionRecord:
+    """Load the chosen epoch's weights and head into the method; returns the record of the choice."""
     last_epoch = len(summary.history)
     if selection.split is None or best is None:
-        method.selection = Selection(None, selection.among).record({"epoch": last_epoch})
-        return
+        return Selection(None, selection.among).record({"epoch": last_epoch})
     device = next(method.parameters()).device
-    if best["state"] is not None:
-        method.load_checkpoint_state({k: v.to(device) for k, v in best["state"].items()})
-    chosen: dict[str, Any] = {"epoch": best["epoch"] if best["state"] is not None else last_epoch}
-    if best["head"] is not None:
-        method.use_head(best["head"])
-        chosen["head"] = best["head"]
-    chosen[f"{selection.split}_top1"] = best["metric"]
-    summary.best_epoch, summary.best_metric, summary.selected_on = chosen["epoch"], best["metric"], selection.split
-    method.selection = selection.record(chosen)
+    if best.state is not None:
+        method.load_checkpoint_state({k: v.to(device) for k, v in best.state.items()})
+    chosen: dict[str, Any] = {"epoch": best.epoch if best.state is not None else last_epoch}
+    if best.head is not None:
+        method.use_head(best.head)
+        chosen["head"] = best.head
+    chosen[f"{selection.split}_top1"] = best.metric
+    summary.best_epoch, summary.best_metric, summary.selected_on = chosen["epoch"], best.metric, selection.split
     log.info("selected epoch %d%s on %s (top1 %.2f)%s", chosen["epoch"],
-             f" head {best['head']}" if best["head"] is not None else "", selection.split, best["metric"],
+             f" head {best.head}" if best.head is not None else "", selection.split, best.metric,
              "  [on the TEST split: paper protocol]" if selection.on_test else "")
+    return selection.record(chosen)

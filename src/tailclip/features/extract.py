@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..engine import distributed
+from ..config import feature_cache_of
 from ..errors import ConfigError
 from ..io import atomic_save_tensors, file_checksum, write_json
+from ..runtime import distributed
 from .cache import BASE_TENSORS, STORAGE_DTYPES, CacheKey, FeatureCache, FeatureSet, storage_dtype
 
 if TYPE_CHECKING:
@@ -238,7 +240,7 @@ class SeededViewImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def _batches(backbone: Backbone, loader: torch.utils.data.DataLoader, device: torch.device, precision: str,
              taps: dict[str, torch.dtype], desc: str) -> Iterator[dict[str, Tensor]]:
-    from ..engine.evaluate import autocast, iter_batches
+    from ..runtime import autocast, iter_batches
 
     was_training = backbone.training
     backbone.eval()
@@ -453,16 +455,19 @@ def split_views(backbone: Backbone, task: Task, split: str, k: int, **kwargs: An
     return FeatureViews([split_features(backbone, task, split, view=f"aug{i}", **kwargs) for i in range(k)])
 
 
+_WARNED_TTE: weakref.WeakSet = weakref.WeakSet()  # methods already told that eval.tte does not apply
+
+
 def _run_settings(method: Any, ctx: Any, split: str) -> dict[str, Any]:
     """The run's extraction settings (device, eval batch size/precision, workers, bad-image policy) and the
     method config's `feature_cache` folder, if any."""
     cfg: RunConfig = ctx.cfg
-    if cfg.eval.tte != "none" and split != "train" and not getattr(method, "_warned_tte", False):
+    if cfg.eval.tte != "none" and split != "train" and method not in _WARNED_TTE:
         log.warning("%s works from cached eval-view features: eval.tte=%s is not applied", cfg.method, cfg.eval.tte)
-        method._warned_tte = True
+        _WARNED_TTE.add(method)
     return {"device": ctx.device, "batch_size": cfg.eval.batch_size, "precision": cfg.eval.precision,
             "num_workers": cfg.data.num_workers, "on_bad_image": cfg.data.on_bad_image,
-            "content_check": cfg.data.content_check, "cache": getattr(method.cfg, "feature_cache", None)}
+            "content_check": cfg.data.content_check, "cache": feature_cache_of(method.cfg)}
 
 
 def method_features(method: Any, ctx: Any, split: str, view: str = "eval", taps: Sequence[str] = (),
@@ -488,7 +493,7 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
     entry folders."""
     from ..backbones import create_backbone
     from ..data.registry import build_task
-    from ..engine.evaluate import resolve_device
+    from ..runtime import resolve_device
 
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)  # under torchrun every rank extracts its share (`_sharded_get_or_build`)
@@ -496,7 +501,7 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
     backbone = create_backbone(cfg.model.name, cache_dir=cfg.model.cache_dir, device=device,
                                memory_format=cfg.model.memory_format)
     task = build_task(cfg.data)
-    cache = FeatureCache(getattr(cfg.method_config(), "feature_cache", None))
+    cache = FeatureCache(feature_cache_of(cfg.method_config()))
     missing = [s for s in splits if s not in task.splits]
     if missing:
         log.warning("dataset %s has no split(s) %s; skipped", task.name, ", ".join(missing))

@@ -10,9 +10,10 @@ the source prior p_s of a fine-tuned run by property, never by loss name."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -138,6 +139,13 @@ def build_loss(name: str, class_counts: Sequence[int] | np.ndarray | Tensor, **o
     return LOSSES.get(name)(class_counts, **options)
 
 
+def options_for(name: str, **candidates: Any) -> dict[str, Any]:
+    """The options among `candidates` that loss `name` takes: a method hands over every loss option it has
+    (tau, mu, ...) and each loss gets the ones its constructor declares, so no method chooses them by loss name."""
+    params = inspect.signature(LOSSES.get(name).__init__).parameters
+    return {k: v for k, v in candidates.items() if k in params}
+
+
 def loss_balances_prior(name: str) -> bool:
     """Whether a model trained with loss `name` already predicts as if classes were balanced (unknown name:
     UnknownNameError listing the registered losses)."""
@@ -148,5 +156,6 @@ from .compensation import CompensatedLALoss  # registers "cf"; imported last: it
 
 __all__ = [
     "LOSSES", "BalancedSoftmaxLoss", "CompensatedLALoss", "CompensatingLogitAdjustedLoss", "CrossEntropy",
-    "LogitAdjustedLoss", "Loss", "build_loss", "log_prior", "loss_balances_prior", "loss_names", "register_loss",
+    "LogitAdjustedLoss", "Loss", "build_loss", "log_prior", "loss_balances_prior", "loss_names", "options_for",
+    "register_loss",
 ]

@@ -1,8 +1,9 @@
-"""Method registry. Explicit imports below fill it; `tailclip list methods` prints it."""
+"""The registered methods; importing this package (done by `import tailclip`) registers each one. The contract
+they implement is `tailclip.contract`; `tailclip list methods` prints the registry."""
 
 # One import per method module (each registers itself).
+from ..contract import METHODS, FitContext, Method, Output, Predictions, register_method
 from . import candle, coop, gla, ldc, lift, linear_probe, sage, tip_adapter, zeroshot  # noqa: F401
-from .base import METHODS, FitContext, Method, Output, Predictions, register_method
 
 
 def get_method(name: str) -> type[Method]:

@@ -44,12 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import check_choice, check_range
+from ..config import EvalConfig, InputsOption, check_choice, check_range
+from ..contract import FeatureSpec, FitContext, Inputs, Method, Output, register_method
 from ..data.base import TaskInfo
 from ..errors import DataError
-from ..features import AugSpec, method_features
+from ..features import AugSpec
 from ..losses import build_loss
-from .base import FeatureSpec, FitContext, Inputs, Method, Output, Predictions, register_method
+from .clip_kit import logit_scale
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ IMAGE, PROTO, TEXT = 0, 1, 2  # token kinds
 
 
 @dataclass
-class CandleConfig:
+class CandleConfig(InputsOption):
     mask: str = "none"  # none | in_visual | in_text | between (the released ablation masks)
     virtual_init: str = "text"  # text | visual (mean base prototype + N(0, virtual_noise) noise)
     virtual_noise: float = 0.05
@@ -68,11 +69,9 @@ class CandleConfig:
     attn_dropout: float = 0.1  # the released nn.MultiheadAttention(dropout=0.1)
     transductive: bool = False  # the released cross-batch attention (test predictions depend on the batch)
     augment_views: int = 10  # K augmented train views cached once (0: train on the eval view)
-    inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
     transductive_batch: int = 100  # transductive: test images attending jointly (the released test batch)
     text_features: str = "raw"  # raw: encode_text outputs as released | normalized: the unit prompt ensemble
     logit_scale: float | None = None  # None: the backbone's (100 for OpenAI CLIP)
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("candle.mask", self.mask, MASKS)
@@ -176,7 +175,7 @@ class Candle(Method):
     def __init__(self, cfg: CandleConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
         dim, c = backbone.embed_dim, info.num_classes
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
+        self.scale = logit_scale(cfg.logit_scale, backbone)
         counts = torch.as_tensor(info.class_counts, dtype=torch.long)
         if info.base_classes is not None:
             base = torch.as_tensor(info.base_classes, dtype=torch.long)
@@ -258,20 +257,19 @@ class Candle(Method):
             noise = torch.randn(self.virtual_prototypes.shape, generator=gen) * self.cfg.virtual_noise
             self.virtual_prototypes.copy_(self.base_prototypes.mean(0, keepdim=True).cpu() + noise)
 
-    def fit(self, ctx: FitContext) -> None:
-        fs = method_features(self, ctx, "train")  # eval view: the released prototypes use the test transform
+    def prepare(self, ctx: FitContext) -> None:
+        """The base prototypes (and a visual init of the virtual ones) from the train split, before training."""
+        fs = self.cached_features(ctx, "train")  # eval view: the released prototypes use the test transform
         self.set_prototypes(fs.proj.to(self.base_prototypes.device), fs.labels.to(self.base_prototypes.device))
         self._info = {"base_classes": len(self.base_idx), "new_classes": len(self.new_idx),
                       "virtual_init": self.cfg.virtual_init, "mask": self.cfg.mask}
-        super().fit(ctx)
 
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
+    def eval_config(self, evaluation: EvalConfig) -> EvalConfig:
         """Transductive mode predicts in batches of candle.transductive_batch images in split order (the released
         test loader), whatever eval.batch_size says; per-sample mode does not depend on the batch."""
         if self.cfg.transductive:
-            evalcfg = dataclasses.replace(ctx.cfg.eval, batch_size=self.cfg.transductive_batch)
-            ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, eval=evalcfg))
-        return super().predict(ctx, split)
+            return dataclasses.replace(evaluation, batch_size=self.cfg.transductive_batch)
+        return evaluation
 
     def protocol(self) -> dict[str, Any]:
         return {"prediction": f"transductive(batch {self.cfg.transductive_batch})"} if self.cfg.transductive else {}
@@ -280,5 +278,5 @@ class Candle(Method):
         mode = (f"transductive: each eval batch of {self.cfg.transductive_batch} test images attends jointly "
                 "(released code); predictions depend on the batch") if self.cfg.transductive else \
             "per-sample (non-transductive)"
-        return {"candle": {**self._info, "prediction": mode, "text_features": self.cfg.text_features,
-                           "gate": float(self.fusion.gate.detach())}}
+        return {**self._info, "prediction": mode, "text_features": self.cfg.text_features,
+                "gate": float(self.fusion.gate.detach())}

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import TrainConfig, check_choice, check_range
+from ..config import InputsOption, TrainConfig, check_choice, check_range
+from ..contract import FeatureSpec, Inputs, Method, Output, register_method
 from ..data.base import TaskInfo
 from ..errors import ConfigError
 from ..features import AugSpec
 from ..losses import build_loss, loss_names
-from .base import FeatureSpec, Inputs, Method, Output, register_method
+from .clip_kit import logit_scale
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def coop_epochs(shots: int | None) -> int | None:
 
 
 @dataclass
-class CoOpConfig:
+class CoOpConfig(InputsOption):
     n_ctx: int = 16  # context vectors M (ignored when ctx_init is set: M = its token count)
     ctx_init: str = ""  # "" : N(0, init_std) init; else the embeddings of these words ("a photo of a": M = 4)
     init_std: float = 0.02
@@ -66,10 +67,8 @@ class CoOpConfig:
     loss: str = "ce"  # a registered loss (GLA's source_prior=auto reads it)
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
     views: int = 10  # cached augmented views of the train split (K; 0: the un-augmented eval view only)
-    inputs: str = "features"  # features: the cached views; images: a live frozen forward, a fresh crop per epoch
     per: str = "sample"  # which view a sample reads each epoch: sample (random) | epoch (view e mod K)
     epochs_by_shots: bool = False  # train.epochs from CoOp's rule by K (coop_epochs): one preset for a shot grid
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("coop.class_token_position", self.class_token_position, POSITIONS)
@@ -82,17 +81,15 @@ class CoOpConfig:
 
 
 @dataclass
-class CoCoOpConfig:
+class CoCoOpConfig(InputsOption):
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     init_std: float = 0.02
     loss: str = "ce"
     logit_scale: float | None = None
     views: int = 10
-    inputs: str = "features"  # as coop.inputs
     per: str = "sample"
     eval_chunk: int = 4096  # at most this many prompts (images x classes) through the text tower at once
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("cocoop.loss", self.loss, loss_names())
@@ -172,7 +169,7 @@ class _PromptMethod(Method):
 
     def __init__(self, cfg: Any, backbone: Backbone, info: TaskInfo, csc: bool = False, position: str = "end") -> None:
         super().__init__(cfg, backbone, info)
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
+        self.scale = logit_scale(cfg.logit_scale, backbone)
         self.prompt_learner = PromptLearner(backbone, list(info.classnames), cfg.n_ctx, cfg.ctx_init, cfg.init_std,
                                             csc, position)
         base = info.base_classes if info.base_classes is not None else list(range(info.num_classes))
@@ -239,9 +236,8 @@ class CoOp(_PromptMethod):
         return Output(logits, loss)
 
     def extra_results(self) -> dict[str, Any]:
-        return {"coop": {"n_ctx": self.prompt_learner.n_ctx, "csc": self.prompt_learner.csc, "ctx_init": self.cfg.ctx_init,
-                         "class_token_position": self.cfg.class_token_position,
-                         "trained_classes": len(self.train_classes)}}
+        return {"n_ctx": self.prompt_learner.n_ctx, "csc": self.prompt_learner.csc, "ctx_init": self.cfg.ctx_init,
+                "class_token_position": self.cfg.class_token_position, "trained_classes": len(self.train_classes)}
 
 
 @register_method("cocoop")
@@ -286,6 +282,6 @@ class CoCoOp(_PromptMethod):
         return Output(full, loss)
 
     def extra_results(self) -> dict[str, Any]:
-        return {"cocoop": {"n_ctx": self.prompt_learner.n_ctx, "ctx_init": self.cfg.ctx_init,
-                           "meta_net_params": sum(p.numel() for p in self.meta_net.parameters()),
-                           "trained_classes": len(self.train_classes)}}
+        return {"n_ctx": self.prompt_learner.n_ctx, "ctx_init": self.cfg.ctx_init,
+                "meta_net_params": sum(p.numel() for p in self.meta_net.parameters()),
+                "trained_classes": len(self.train_classes)}

@@ -8,8 +8,8 @@ own simplex solver in `tailclip.posthoc.prior`) on the same labelled data, and p
 folder: its saved `logits_{split}.safetensors` are used (or, when a split was not evaluated, its checkpoint is
 loaded and run), T_ft is calibrated too, and the prediction is z_ft/T_ft + z_zs/T_zs - log q - log p_s
 (+ log p_t). p_s is the label distribution the fine-tuned model was trained on; `source_prior: auto` takes it
-as uniform when that run's loss balances the prior (`tailclip.losses.loss_balances_prior`), else as the train
-class frequencies. `finetuned_run` may hold {shots}, {seed} and {dataset}, filled from the data config, so one
+as uniform when that run's model balances the prior (`Method.balances_prior`, saved in its checkpoint.json), else
+as the train class frequencies. `finetuned_run` may hold {shots}, {seed} and {dataset}, filled from the data config, so one
 preset serves a whole few-shot grid; the run folder is read through `tailclip.engine.runs.RunDir`.
 
 Which data fits what follows the released few-shot code (BeierZhu/GLA, GLA.FS.public/trainers/gla.py,
@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..config import RunConfig, check_choice, check_range
+from ..config import FeatureOptions, check_choice, check_range
+from ..contract import FitContext, Method, Output, Predictions, register_method
 from ..data.base import TaskInfo
+from ..engine.checkpoint import read_meta
+from ..engine.evaluate import predict_split
 from ..engine.runs import RunDir, run_from_template
 from ..errors import ConfigError, TailclipError
-from ..features import method_features
-from ..losses import LOSSES, loss_balances_prior
 from ..posthoc import (
     align,
     confidence_temperature,
@@ -52,8 +53,8 @@ from ..posthoc import (
     prior_nll,
     save_prior,
 )
-from .base import FitContext, Method, Output, Predictions, register_method
-from .zeroshot import zeroshot_weights
+from .clip_kit import TextClassifierMethod
+from .loading import build_method, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ PRIOR_ON_TRAIN_BELOW_K = 20  # released code: q (and T_zs) on K-shot train + val
 
 
 @dataclass
-class GLAConfig:
+class GLAConfig(FeatureOptions):
     mode: str = "debiased_zeroshot"  # debiased_zeroshot | ensemble
     finetuned_run: str | None = None  # run folder of the fine-tuned model (ensemble); may use {shots} {seed} {dataset}
     prior_data: str = "auto"  # T_zs and q: auto (train+val if K-shot with K < 20, else val) | val | train | train+val
@@ -72,7 +73,6 @@ class GLAConfig:
     logit_scale: float | None = None  # zero-shot logit scale (None: the model's own)
     prior_max_iter: int = 100  # Newton iterations (a few dozen at most converge to a 1e-10 gradient)
     prior_reg: float = 0.0  # pull towards uniform (0: the plain GLA objective)
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("gla.mode", self.mode, ("debiased_zeroshot", "ensemble"))
@@ -99,25 +99,21 @@ def task_shots(info: TaskInfo) -> int | None:
     return None
 
 
-def source_prior_of(run: RunDir, cfg: RunConfig) -> str:
-    """`train` or `uniform`: whether the run's loss (its method's `loss` option) balanced the label prior."""
-    loss = getattr(cfg.method_config(), "loss", None)
-    fix = "set gla.source_prior=train (trained with plain CE) or gla.source_prior=uniform (a balancing loss)"
-    if not isinstance(loss, str):
+def source_prior_of(run: RunDir) -> str:
+    """`train` or `uniform`: whether the run's model balanced the label prior (`balances_prior` in its
+    checkpoint.json, saved from `Method.balances_prior`)."""
+    balanced = read_meta(run.path).get("balances_prior")
+    if not isinstance(balanced, bool):
         raise ConfigError(
-            f"gla.source_prior=auto decides by the fine-tuned run's loss, but method {cfg.method!r} of {run.path} "
-            f"has no `loss` option; {fix}"
+            f"gla.source_prior=auto reads whether the fine-tuned run balanced the label prior from its checkpoint.json "
+            f"(`balances_prior`), which {run.path} lacks (no checkpoint, or saved by an older tailclip); set "
+            "gla.source_prior=train (trained with plain CE) or gla.source_prior=uniform (a balancing loss)"
         )
-    if loss not in LOSSES:
-        raise ConfigError(
-            f"gla.source_prior=auto: the fine-tuned run {run.path} used loss {loss!r}, which is not a registered "
-            f"loss (known: {', '.join(LOSSES)}), so whether it balanced the prior is unknown; {fix}"
-        )
-    return "uniform" if loss_balances_prior(loss) else "train"
+    return "uniform" if balanced else "train"
 
 
 @register_method("gla")
-class GLA(Method):
+class GLA(TextClassifierMethod):
     """Generalized logit adjustment: debiased zero-shot CLIP, or its ensemble with a fine-tuned run."""
 
     Config = GLAConfig
@@ -125,8 +121,7 @@ class GLA(Method):
 
     def __init__(self, cfg: GLAConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, info).float())
+        self.init_text_classifier(backbone, info, cfg.logit_scale)
         self.register_buffer("log_prior", torch.full((info.num_classes,), -float(np.log(info.num_classes))))
         self.register_buffer("temperatures", torch.ones(2))  # (T_zs, T_ft)
         self.register_buffer("log_source_prior", torch.zeros(info.num_classes))
@@ -136,9 +131,6 @@ class GLA(Method):
         self._info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ zero-shot side
-    def zeroshot_logits(self, proj: Tensor) -> Tensor:
-        return self.scale * F.normalize(proj.float(), dim=-1) @ self.text_weights.t()
-
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
         """Debiased zero-shot on images (the ensemble needs the fine-tuned run's logits: use `predict`)."""
         if self.cfg.mode == "ensemble":
@@ -148,7 +140,7 @@ class GLA(Method):
         return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
 
     def _zs(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-        fs = method_features(self, ctx, split)
+        fs = self.cached_features(ctx, split)
         return self.zeroshot_logits(fs.proj.to(self.text_weights.device)).cpu(), fs.labels, fs.indices, fs.skipped
 
     # ------------------------------------------------------------------ fine-tuned side
@@ -169,12 +161,12 @@ class GLA(Method):
                 f"{split} (eval.splits=[val,test]) or give a run with a checkpoint"
             )
         if self._ft_method is None:
-            from .loading import load_trained
-
             log.info("running the fine-tuned checkpoint of %s on %s", run.path, split)
-            ft_cfg, ft_task, method, _ = load_trained(run.path)
-            self._ft_method, self._ft_ctx = method, FitContext(ft_cfg, ft_task, ctx.run_dir, ctx.device)
-        preds = self._ft_method.predict(self._ft_ctx, split)
+            trained = load_trained(run.path)
+            assert trained.task is not None
+            self._ft_method = trained.method
+            self._ft_ctx = FitContext(trained.cfg, trained.task, ctx.run_dir, ctx.device)
+        preds = predict_split(self._ft_method, self._ft_ctx, split)
         return preds.logits, preds.labels, preds.indices
 
     def _pair(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -204,7 +196,8 @@ class GLA(Method):
         return splits
 
     @torch.no_grad()
-    def fit(self, ctx: FitContext) -> None:
+    def prepare(self, ctx: FitContext) -> None:
+        """Fits T_zs and q (and, for the ensemble, T_ft and p_s); nothing trains by gradient."""
         cfg = self.cfg
         prior_splits = self._fit_splits(ctx, cfg.prior_data, "prior_data")
         parts = [self._zs(ctx, s)[:2] for s in prior_splits]
@@ -245,7 +238,7 @@ class GLA(Method):
         cfg = self.cfg
         run = self._finetuned(ctx)
         ft_cfg = run.check_same_task(ctx.task, ctx.cfg.data)
-        source = cfg.source_prior if cfg.source_prior != "auto" else source_prior_of(run, ft_cfg)
+        source = cfg.source_prior if cfg.source_prior != "auto" else source_prior_of(run)
         cal_splits = self._fit_splits(ctx, cfg.calibration_split, "calibration_split")
         pairs = [self._pair(ctx, s) for s in cal_splits]
         zs_c, ft_c, y_c = (torch.cat([p[i] for p in pairs]) for i in range(3))
@@ -259,7 +252,6 @@ class GLA(Method):
         info.update({
             "finetuned_run": str(run.path),
             "finetuned_method": ft_cfg.method,
-            "finetuned_loss": getattr(ft_cfg.method_config(), "loss", None),
             "temperature_ft": t_ft,
             "source_prior": source,
             f"{cal}_top1_finetuned": _accuracy(ft_c, y_c),
@@ -276,7 +268,7 @@ class GLA(Method):
         return gla_ensemble(ft, zs, t_ft, t_zs, q, source, target)
 
     @torch.no_grad()
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
+    def own_predictions(self, ctx: FitContext, split: str) -> Predictions:
         if self.cfg.mode == "ensemble":
             zs, ft, y, idx = self._pair(ctx, split)
             return Predictions(self._combine(zs, ft), y, idx)
@@ -284,7 +276,7 @@ class GLA(Method):
         return Predictions(self._combine(zs), y, idx, list(skipped))
 
     def extra_results(self) -> dict[str, Any]:
-        return {"gla": {**self._info, "prior": self.log_prior.exp().tolist()}}
+        return {**self._info, "prior": self.log_prior.exp().tolist()}
 
 
 @dataclass
@@ -304,14 +296,12 @@ class WiSEFT(Method):
 
     def __init__(self, cfg: WiSEFTConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        from . import get_method
-
         if not cfg.finetuned_run:
             raise ConfigError("wise_ft.finetuned_run=<run folder of a fine-tuned model> is required")
         run = RunDir.existing(cfg.finetuned_run, "wise_ft.finetuned_run")
         weights = run.load_checkpoint_tensors()
         ft_cfg = run.load_config()
-        inner = get_method(ft_cfg.method)(ft_cfg.method_config(), backbone, info)
+        inner = build_method(ft_cfg, backbone, info)
         start = inner.checkpoint_state()
         inner.load_checkpoint_state(interpolate_states(start, weights, cfg.alpha))
         inner.requires_grad_(False)
@@ -322,12 +312,12 @@ class WiSEFT(Method):
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
         return self.inner(images, labels)
 
-    def fit(self, ctx: FitContext) -> None:
-        """Nothing trains: the weights are fixed by the interpolation."""
+    def own_predictions(self, ctx: FitContext, split: str) -> Predictions | None:
+        """A features method's interpolated model predicts from its cache, as that method does."""
+        return predict_split(self.inner, ctx, split) if self.inner.inputs == "features" else None
 
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
-        return self.inner.predict(ctx, split) if self.inner.inputs == "features" else super().predict(ctx, split)
+    def balances_prior(self) -> bool:
+        return self.inner.balances_prior()
 
     def extra_results(self) -> dict[str, Any]:
-        return {"wise_ft": {"alpha": self.cfg.alpha, "finetuned_run": self.cfg.finetuned_run,
-                            "finetuned_method": self.inner_method}}
+        return {"alpha": self.cfg.alpha, "finetuned_run": self.cfg.finetuned_run, "finetuned_method": self.inner_method}

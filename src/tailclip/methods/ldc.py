@@ -50,13 +50,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import check_choice, check_range
+from ..config import InputsOption, check_choice, check_range
+from ..contract import FeatureSpec, FitContext, FitResult, Inputs, Output, register_method
 from ..data.base import TaskInfo
 from ..data.fewshot import FULL_VAL
+from ..engine.evaluate import predict_split
 from ..errors import ConfigError
 from ..features import AugSpec
-from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
-from .zeroshot import zeroshot_weights
+from .clip_kit import TextClassifierMethod
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ VIT_MAF_HIDDEN = 2048  # the reference's MAF classifier width for ViT towers
 
 
 @dataclass
-class LDCConfig:
+class LDCConfig(InputsOption):
     inputs: str = "auto"  # features (cached taps) | images (live frozen forward) | auto (features when they fit)
     cache_gb: float = 8.0  # auto: the largest cache of augmented-view taps to build
     views: int = 10  # K cached augmented views of the train split (features mode)
@@ -88,7 +89,6 @@ class LDCConfig:
     report: str = "alf"  # alf: s_ALF | beta_search: the released beta * s_MAF + (1 - beta) * s_ICD (module doc)
     beta_on: str = "auto"  # beta_search's split: auto (val_full, else test: released) | val | val_full | test
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("ldc.inputs", self.inputs, ("auto", "features", "images"))
@@ -179,7 +179,7 @@ def level_numel(backbone: Backbone) -> tuple[str, list[int]]:
 
 
 @register_method("ldc")
-class LDC(Method):
+class LDC(TextClassifierMethod):
     """LDC (few-shot): multi-level adapter fusion, inter-class deconfusion of zero-shot logits, adaptive logits
     fusion; trains from cached taps of augmented views when they fit (`ldc.inputs`)."""
 
@@ -202,8 +202,7 @@ class LDC(Method):
                 log.info("ldc: the taps of %d augmented views of %d train images need %.1f GB (> ldc.cache_gb=%g); "
                          "training on a live frozen forward instead (ldc.inputs=features forces the cache)",
                          cfg.views, int(info.class_counts.sum()), gb, cfg.cache_gb)
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, info).float())
+        self.init_text_classifier(backbone, info, cfg.logit_scale)
         self.taps = self.tap_names_for(backbone, cfg.tap_blocks)
         if arch == "vit":
             dims = (backbone.width,) * 4
@@ -242,7 +241,8 @@ class LDC(Method):
     def eval_heads(self) -> tuple[str, ...]:
         return TRAINED_HEADS[self.cfg.variant] if len(TRAINED_HEADS[self.cfg.variant]) > 1 else ()
 
-    def fit(self, ctx: FitContext) -> None:
+    def prepare(self, ctx: FitContext) -> None:
+        """Checks the recipe and fixes what selection may choose among (the released report keeps the last epoch)."""
         if ctx.cfg.train.batch_size < 2:
             raise ConfigError(f"train.batch_size={ctx.cfg.train.batch_size}: LDC's BatchNorm layers need >= 2")
         if self.cfg.report == "beta_search":
@@ -252,9 +252,11 @@ class LDC(Method):
             self.select_among = ()  # the last epoch
         elif ctx.cfg.train.select_on == "paper":
             self.select_among = ("heads",)  # the released code: the last epoch, its best head on test
-        super().fit(ctx)
+
+    def finish(self, ctx: FitContext, result: FitResult) -> FitResult:
         if self.cfg.report == "beta_search":
             self.search_report_beta(ctx)
+        return result
 
     def search_report_beta(self, ctx: FitContext) -> None:
         """The released report: beta of beta * s_MAF + (1 - beta) * s_ICD searched on `ldc.beta_on`."""
@@ -265,7 +267,7 @@ class LDC(Method):
         task = ctx.task.unguarded() if on_test else ctx.task
         if split not in task.splits:
             raise ConfigError(f"ldc.beta_on={split}: {task.name} has no {split} split; it has {', '.join(task.splits)}")
-        preds = self.predict(dataclasses.replace(ctx, task=task), split)
+        preds = predict_split(self, dataclasses.replace(ctx, task=task), split)
         beta, acc = search_beta(preds.heads["maf"], preds.heads["icd"], preds.labels)
         self.report_beta.fill_(beta)
         self._beta_record = {"beta": beta, "beta_split": split, "beta_split_top1": acc, "beta_on_test": on_test}
@@ -296,7 +298,7 @@ class LDC(Method):
     def all_logits(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """The zero-shot logits and every logit set (and alpha) the variant has, for a batch."""
         h = self.head
-        zs = self.scale * F.normalize(feats["proj"].float(), dim=-1) @ self.text_weights.t()
+        zs = self.zeroshot_logits(feats["proj"])
         z = self.fused_feature(feats).float()
         out = {"zs": zs}
         if h.maf is not None:
@@ -315,7 +317,7 @@ class LDC(Method):
         return {"report": f"beta_search(on {self._beta_record.get('beta_split', self.cfg.beta_on)})"}
 
     def extra_results(self) -> dict[str, Any]:
-        return {"ldc": {"report": self.cfg.report, **self._beta_record}} if self.cfg.report != "alf" else {}
+        return {"report": self.cfg.report, **self._beta_record} if self.cfg.report != "alf" else {}
 
     def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
         out = self.all_logits(self.encode(inputs))

@@ -27,20 +27,13 @@ from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..config import check_choice, check_range
+from ..contract import Method, Output, register_method
 from ..data.base import TaskInfo
-from ..data.transforms import (
-    INTERPOLATIONS,
-    eval_transform,
-    lift_eval_resize,
-    lift_tte_resize,
-    train_transform,
-    tte_transform,
-)
+from ..data.transforms import INTERPOLATIONS, lift_test_transform, train_transform
 from ..errors import ConfigError
 from ..heads import HEADS, LIFT_TEMPLATES, build_head, text_init_weights
-from ..losses import build_loss, loss_names
+from ..losses import build_loss, loss_names, options_for
 from ..tuners import TUNERS, build_tuner
-from .base import Method, Output, register_method
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +94,11 @@ class LIFT(Method):
     def __init__(self, cfg: LIFTConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
         init = text_init_weights(backbone, info.classnames, cfg.head_templates) if cfg.head_init == "text" else None
-        in_dim = backbone.width if backbone.visual_proj is not None else backbone.embed_dim
-        self.head = build_head(cfg.head, in_dim, info.num_classes, init, cfg.scale)
+        self.head = build_head(cfg.head, backbone.pre_proj_width, info.num_classes, init, cfg.scale)
         # the head exists first: a tuner reading the classifier (sg_adapter) gets its live weights
         self.tuner = build_tuner(cfg.tuner, backbone, cfg.tuner_options(self.head.class_weights),
                                  num_classes=info.num_classes)
-        self.loss_fn = build_loss(cfg.loss, info.class_counts, **({"tau": cfg.tau} if cfg.loss != "ce" else {}))
+        self.loss_fn = build_loss(cfg.loss, info.class_counts, **options_for(cfg.loss, tau=cfg.tau))
         self.num_epochs = 1  # set by on_epoch_start: LIFT+'s crop schedule spans the run's epochs
         log.info("LIFT: tuner %s %s, %s head (%s init), %s loss; %d trainable parameters", cfg.tuner,
                  dataclasses.asdict(self.tuner.options), cfg.head, cfg.head_init, cfg.loss, self.num_trainable())
@@ -130,13 +122,8 @@ class LIFT(Method):
         return train_transform(pre, (low, 1.0), cfg.interpolation, cfg.flip, ratio=(1.0, 1.0))
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor]:
-        """LIFT's test transforms: Resize(S * 8 // 7) -> CenterCrop(S) without TTE; with TTE Resize(S + 3p/2)
-        -> five (ten) crops. Both rules scale with the model's image size (tiny 32 px CLIP: 36 -> 32)."""
-        pre = self.backbone.preprocess
-        if tte == "none":
-            return eval_transform(pre, lift_eval_resize(pre.image_size), self.cfg.interpolation)
-        resize = lift_tte_resize(pre.image_size, self.backbone.patch_size)
-        return tte_transform(pre, tte, resize, self.cfg.interpolation)
+        """LIFT's test transforms (`data.transforms.lift_test_transform`)."""
+        return lift_test_transform(self.backbone.preprocess, self.backbone.patch_size, tte, self.cfg.interpolation)
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self.num_epochs = num_epochs

@@ -24,19 +24,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..config import check_choice
+from ..config import FeatureOptions, check_choice
+from ..contract import FeatureSpec, FitContext, FitResult, Inputs, Method, Output, SelectionRecord, register_method
 from ..data.base import TaskInfo
 from ..errors import ConfigError
-from ..features import method_features
+from ..heads import build_head, text_init_weights
 from ..losses import build_loss, loss_names
 from ..posthoc.prior import few_threads_for_small
-from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LinearProbeConfig:
+class LinearProbeConfig(FeatureOptions):
     head: str = "logreg"  # logreg | linear | cosine
     feature: str = "proj"  # proj (joint space, CoOp's probe) | pre_proj (before CLIP's projection)
     normalize: bool = True  # L2-normalise features before the classifier
@@ -57,7 +57,6 @@ class LinearProbeConfig:
     loss: str = "ce"  # ce | la | bs (tailclip.losses)
     cosine_scale: float = 25.0
     text_init: bool = True
-    feature_cache: str | None = None  # feature cache folder (default: $TAILCLIP_CACHE or ~/.cache/tailclip)
 
     def __post_init__(self) -> None:
         check_choice("linear_probe.head", self.head, ("logreg", "linear", "cosine"))
@@ -79,11 +78,11 @@ def _prep(x: Tensor, normalize: bool) -> Tensor:
 
 def ce_loss_grad(x: Tensor, y: Tensor, w: Tensor, b: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
     """Mean cross-entropy of x W^T + b and its gradients, by hand over chunks of `rows` rows: each chunk's logits
-    stay in cache and are turned into softmax - one-hot in place, 25 % faster than autograd on the whole
-    (115,846 x 1,000) logits of ImageNet-LT (1.17 s vs 1.56 s per evaluation on 2 cores)."""
+    stay in cache and are turned into softmax - one-hot in place, faster than autograd on the whole logits of a
+    large split (benchmarks/README.md)."""
     n = x.shape[0]
     grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
-    total = torch.zeros(())  # float32: a float64 sum lets weakly regularised fits run to max_iter (1.7x slower)
+    total = torch.zeros(())  # float32: a float64 sum lets weakly regularised fits run to max_iter
     for lo in range(0, n, rows):
         xc, yc = x[lo : lo + rows], y[lo : lo + rows]
         z = torch.addmm(b, xc, w.t())
@@ -206,14 +205,12 @@ class LinearProbe(Method):
 
     def __init__(self, cfg: LinearProbeConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        dim = backbone.embed_dim if cfg.feature == "proj" else backbone.width
+        dim = backbone.embed_dim if cfg.feature == "proj" else backbone.pre_proj_width
         if cfg.head == "logreg":
             self.head: nn.Module = nn.Linear(dim, info.num_classes)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
-            from ..heads import build_head, text_init_weights
-
             init = text_init_weights(backbone, info.classnames, info.templates, space=cfg.feature) if cfg.text_init else None
             self.head = build_head(cfg.head, dim, info.num_classes, init, scale=cfg.cosine_scale)
         self.loss_fn = build_loss(cfg.loss, info.class_counts)
@@ -230,19 +227,24 @@ class LinearProbe(Method):
         return Output(logits, self.loss_fn(logits, labels) if labels is not None else None)
 
     def _xy(self, ctx: FitContext, split: str) -> tuple[Tensor, Tensor]:
-        fs = method_features(self, ctx, split)
+        fs = self.cached_features(ctx, split)
         return _prep(fs.get(self.cfg.feature), self.cfg.normalize), fs.labels
 
-    def fit(self, ctx: FitContext) -> None:
+    def trains(self) -> bool:
+        """The linear and cosine heads train with the engine's trainer; logistic regression is fitted in finish."""
+        return self.cfg.head != "logreg"
+
+    def balances_prior(self) -> bool:
+        return self.cfg.head != "logreg" and super().balances_prior()  # (logreg fits plain multinomial CE)
+
+    def finish(self, ctx: FitContext, result: FitResult) -> FitResult:
         if self.cfg.head == "logreg":
-            self._fit_logreg(ctx)
-        else:  # gradient training of the head on the cached features: the engine's trainer
-            from ..engine.trainer import train
+            return FitResult(selection=self._fit_logreg(ctx))
+        self._info = {"loss": self.cfg.loss, "epochs": ctx.cfg.train.epochs}
+        return result
 
-            train(self, ctx)
-            self._info = {"loss": self.cfg.loss, "epochs": ctx.cfg.train.epochs}
-
-    def _fit_logreg(self, ctx: FitContext) -> None:
+    def _fit_logreg(self, ctx: FitContext) -> SelectionRecord:
+        """C chosen on val (or fixed), then the weights fitted with it; returns the record of the choice."""
         cfg = self.cfg
         x_tr, y_tr = self._xy(ctx, "train")
         select_on = ctx.cfg.train.select_on
@@ -275,8 +277,7 @@ class LinearProbe(Method):
         log.info("linear probe: C=%g (chosen on %s), train acc %.2f%%", c, chosen_on,
                  100 * _accuracy(w, b, x_tr, y_tr))
         self._info = {"C": c, "C_chosen_on": chosen_on, "C_search": trace, "C_search_rows": search_on}
-        self.selection = {"on": "val" if chosen_on == "val" else "none", "among": "C", "chosen": {"C": c},
-                          "selected_on_test": False}
+        return SelectionRecord("val" if chosen_on == "val" else "none", "C", {"C": c})
 
     def extra_results(self) -> dict[str, Any]:
-        return {"linear_probe": {"head": self.cfg.head, "feature": self.cfg.feature, **self._info}}
+        return {"head": self.cfg.head, "feature": self.cfg.feature, **self._info}

@@ -30,22 +30,15 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone
 from ..config import check_choice, check_range
+from ..contract import Method, Output, register_method
 from ..data.base import TaskInfo
 from ..data.templates import get_templates
-from ..data.transforms import (
-    INTERPOLATIONS,
-    eval_transform,
-    lift_eval_resize,
-    lift_tte_resize,
-    train_transform,
-    tte_transform,
-)
+from ..data.transforms import INTERPOLATIONS, lift_test_transform, train_transform
 from ..errors import ConfigError
 from ..heads import LIFT_TEMPLATES, build_head, text_init_weights
-from ..losses import build_loss, loss_names
+from ..losses import build_loss, loss_names, options_for
 from ..losses.compensation import CF_READINGS
 from ..tuners import AdaptFormerOptions, SGAdapterOptions, build_tuner
-from .base import Method, Output, register_method
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +87,9 @@ class SageConfig:
         if self.mu <= 0:
             raise ConfigError(f"sage.mu={self.mu} must be > 0")
 
-    def loss_options(self) -> dict[str, float]:
-        """Options of the chosen loss: tau for every prior-adjusting loss, mu and gamma for cf."""
-        if self.loss == "ce":
-            return {}
-        cf = {"mu": self.mu, "gamma": self.gamma, "reading": self.cf_reading}
-        return {"tau": self.tau, **(cf if self.loss == "cf" else {})}
+    def loss_options(self) -> dict[str, Any]:
+        """Options of the chosen loss: tau for every prior-adjusting loss, mu, gamma and the reading for cf."""
+        return options_for(self.loss, tau=self.tau, mu=self.mu, gamma=self.gamma, reading=self.cf_reading)
 
 
 @register_method("sage")
@@ -111,8 +101,7 @@ class Sage(Method):
     def __init__(self, cfg: SageConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
         text = text_init_weights(backbone, info.classnames, INITS[cfg.init])  # (C, d): through proj^T, normalised
-        in_dim = backbone.width if backbone.visual_proj is not None else backbone.embed_dim
-        self.head = build_head("cosine", in_dim, info.num_classes, text, cfg.scale)
+        self.head = build_head("cosine", backbone.pre_proj_width, info.num_classes, text, cfg.scale)
         if cfg.adapter == "sg":
             # the guidance is the head's weight parameter itself: w_bar = its row mean, gradients flow into W
             options: Any = SGAdapterOptions(cfg.bottleneck, cfg.alpha, cfg.w_proj, guidance=self.head.class_weights)
@@ -165,12 +154,8 @@ class Sage(Method):
         return train_transform(self.backbone.preprocess, (cfg.crop_min_scale, 1.0), cfg.interpolation, cfg.flip)
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor]:
-        """LIFT's test transforms: Resize(S * 8 // 7) -> CenterCrop(S); with TTE Resize(S + 3p/2) -> crops."""
-        pre = self.backbone.preprocess
-        if tte == "none":
-            return eval_transform(pre, lift_eval_resize(pre.image_size), self.cfg.interpolation)
-        resize = lift_tte_resize(pre.image_size, self.backbone.patch_size)
-        return tte_transform(pre, tte, resize, self.cfg.interpolation)
+        """LIFT's test transforms (`data.transforms.lift_test_transform`)."""
+        return lift_test_transform(self.backbone.preprocess, self.backbone.patch_size, tte, self.cfg.interpolation)
 
     def extra_results(self) -> dict[str, Any]:
         opts = self.tuner.options

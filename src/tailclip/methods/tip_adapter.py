@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
+from ..config import FeatureOptions
+from ..contract import FeatureSpec, FitContext, FitResult, Inputs, Output, SelectionRecord, register_method
 from ..data.base import TaskInfo
 from ..errors import ConfigError
-from ..features import method_features
-from .base import FeatureSpec, FitContext, Inputs, Method, Output, register_method
-from .zeroshot import zeroshot_weights
+from .clip_kit import TextClassifierMethod
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,13 @@ PAPER_F = ("released Tip-Adapter-F scripts: best epoch on the TEST split; alpha/
 
 
 @dataclass
-class TipAdapterConfig:
+class TipAdapterConfig(FeatureOptions):
     augment_views: int = 10  # augmented views of the train split averaged into the keys (0: eval view only)
     init_alpha: float = 1.0  # residual ratio before the search (per-dataset values in configs/tip_adapter)
     init_beta: float = 1.0  # sharpness
     search_scale: list[float] = field(default_factory=lambda: [7.0, 3.0])  # [beta max, alpha max]
     search_step: list[int] = field(default_factory=lambda: [200, 20])  # [beta points, alpha points]
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
-    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.search_scale) != 2 or len(self.search_step) != 2:
@@ -220,7 +219,7 @@ def _alpha_hits(margin: Tensor, gain: Tensor, alphas: Tensor) -> Tensor:
 
 
 @register_method("tip_adapter")
-class TipAdapter(Method):
+class TipAdapter(TextClassifierMethod):
     """Training-free cache model on few-shot features (alpha/beta searched on val); keys stay frozen."""
 
     Config = TipAdapterConfig
@@ -231,8 +230,7 @@ class TipAdapter(Method):
 
     def __init__(self, cfg: TipAdapterConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, info).float())
+        self.init_text_classifier(backbone, info, cfg.logit_scale)
         keys = torch.zeros(info.num_train, backbone.embed_dim)
         if self.finetune:
             self.keys = nn.Parameter(keys)
@@ -267,12 +265,9 @@ class TipAdapter(Method):
     @torch.no_grad()
     def _build_cache(self, ctx: FitContext) -> None:
         """keys = normalised mean over the cached views of the raw train features; values = one-hot labels."""
-        sets = [method_features(self, ctx, "train", view=v) for v in self.feature_spec().view_names()]
-        for fs in sets[1:]:
-            if not torch.equal(fs.indices, sets[0].indices):
-                raise RuntimeError("augmented views of the train split cover different images")
-        keys = F.normalize(torch.stack([fs.proj.float() for fs in sets]).mean(dim=0), dim=-1).to(self.keys.device)
-        values = F.one_hot(sets[0].labels, self.num_classes).float().to(self.values.device)
+        views = self.cached_views(ctx)
+        keys = F.normalize(views.stack("proj").float().mean(dim=0), dim=-1).to(self.keys.device)
+        values = F.one_hot(views.labels, self.num_classes).float().to(self.values.device)
         if self.keys.shape != keys.shape:  # some train images were skipped as unreadable
             log.warning("cache model has %d keys (train split has %d images)", keys.shape[0], self.keys.shape[0])
             self.keys = nn.Parameter(keys.clone()) if isinstance(self.keys, nn.Parameter) else keys.clone()
@@ -307,7 +302,7 @@ class TipAdapter(Method):
         if source is None:
             return {"on": "none", "alpha": self.alpha, "beta": self.beta}
         sctx, split, label = source
-        fs = method_features(self, sctx, split)
+        fs = self.cached_features(sctx, split)
         f = F.normalize(fs.proj.float(), dim=-1).to(self.keys.device)
         alpha, beta, acc = search_alpha_beta(f, fs.labels.to(f.device), self.text_weights, self.keys.detach(),
                                              self.values, self.scale, self.cfg.search_scale, self.cfg.search_step)
@@ -315,21 +310,25 @@ class TipAdapter(Method):
         log.info("alpha=%.3f beta=%.3f (%s top-1 %.2f%%)", alpha, beta, label, acc)
         return {"on": label, "alpha": alpha, "beta": beta, f"{split}_top1": acc, "selected_on_test": split == "test"}
 
-    def _record_search(self, record: dict[str, Any], paper: str) -> None:
+    def _search_record(self, record: dict[str, Any], paper: bool) -> SelectionRecord:
         on_test = bool(record.pop("selected_on_test", False))
-        self.selection = {"on": record["on"], "among": "alpha and beta", "chosen": record, "selected_on_test": on_test}
-        if paper:
-            self.selection["protocol"] = paper
+        return SelectionRecord(record["on"], "alpha and beta", record, on_test, self.paper_protocol if paper else "")
 
-    def fit(self, ctx: FitContext) -> None:
-        self._build_cache(ctx)
-        record = self._search(ctx)
-        self._record_search(record, self.paper_protocol if ctx.cfg.train.select_on == "paper" else "")
+    def _record_info(self) -> None:
         self._info.update({"alpha": self.alpha, "beta": self.beta, "num_keys": int(self.keys.shape[0]),
                            "augment_views": self.cfg.augment_views})
 
+    def prepare(self, ctx: FitContext) -> None:
+        self._build_cache(ctx)
+
+    def finish(self, ctx: FitContext, result: FitResult) -> FitResult:
+        """alpha and beta searched where train.select_on says."""
+        selection = self._search_record(self._search(ctx), ctx.cfg.train.select_on == "paper")
+        self._record_info()
+        return FitResult(result.training, selection)
+
     def extra_results(self) -> dict[str, Any]:
-        return {self.name: dict(self._info)}
+        return dict(self._info)
 
 
 @register_method("tip_adapter_f")
@@ -344,29 +343,27 @@ class TipAdapterF(TipAdapter):
     train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01, "batch_size": 256,
                       "epochs": 20, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
 
-    def fit(self, ctx: FitContext) -> None:
-        from ..engine.trainer import train
-
+    def prepare(self, ctx: FitContext) -> None:
         self._build_cache(ctx)
         self.alpha_beta.copy_(torch.tensor([self.cfg.init_alpha, self.cfg.init_beta]))  # training uses the initial pair
-        summary = train(self, ctx)  # selects the epoch per train.select_on and records it in self.selection
-        epochs = dict(self.selection or {})
+
+    def finish(self, ctx: FitContext, result: FitResult) -> FitResult:
+        """After the epoch was chosen: alpha and beta searched, recorded after the epoch's choice."""
+        assert result.training is not None and result.selection is not None
         paper = ctx.cfg.train.select_on == "paper"
         record = self._search(ctx)
-        if paper and record["on"] != "test" and summary.best_metric is not None:
+        best_metric = result.training.best_metric
+        if paper and record["on"] != "test" and best_metric is not None:
             # main.py reports max(best-epoch test acc at the initial alpha/beta, test acc at the searched pair)
-            test = method_features(self, dataclasses.replace(ctx, task=ctx.task.unguarded()), "test")
+            test = self.cached_features(dataclasses.replace(ctx, task=ctx.task.unguarded()), "test")
             with torch.no_grad():
                 logits = self.logits_from_features(test.proj.to(self.keys.device))
             searched = 100.0 * float(logits.argmax(-1).cpu().eq(test.labels).float().mean())
             record["test_top1_searched"] = searched
-            if summary.best_metric > searched:
+            if best_metric > searched:
                 self.alpha_beta.copy_(torch.tensor([self.cfg.init_alpha, self.cfg.init_beta]))
                 record.update(alpha=self.cfg.init_alpha, beta=self.cfg.init_beta, kept_initial_on_test=True)
             record["selected_on_test"] = True
-        self._record_search(record, self.paper_protocol if paper else "")
-        assert self.selection is not None
-        self.selection = {**epochs, "alpha_beta": self.selection,
-                          "selected_on_test": bool(epochs.get("selected_on_test")) or self.selection["selected_on_test"]}
-        self._info.update({"alpha": self.alpha, "beta": self.beta, "num_keys": int(self.keys.shape[0]),
-                           "augment_views": self.cfg.augment_views})
+        selection = result.selection.followed_by("alpha_beta", self._search_record(record, paper))
+        self._record_info()
+        return FitResult(result.training, selection)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.base import Backbone
+from ..contract import Output, register_method
 from ..data.base import TaskInfo
-from .base import Method, Output, register_method
+from .clip_kit import TextClassifierMethod
 
 
 @dataclass
@@ -19,13 +20,8 @@ class ZeroShotConfig:
     logit_scale: float | None = None  # None: the model's own (100 for OpenAI CLIP)
 
 
-def zeroshot_weights(backbone: Backbone, info: TaskInfo) -> Tensor:
-    """(C, D) prompt-ensemble classifier for the task's class names and templates."""
-    return backbone.text_classifier(info.classnames, info.templates)
-
-
 @register_method("zeroshot")
-class ZeroShot(Method):
+class ZeroShot(TextClassifierMethod):
     """Frozen CLIP; the classifier is the prompt ensemble of the task's templates. Nothing trains."""
 
     Config = ZeroShotConfig
@@ -33,12 +29,8 @@ class ZeroShot(Method):
 
     def __init__(self, cfg: ZeroShotConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)
-        self.scale = cfg.logit_scale if cfg.logit_scale is not None else float(backbone.logit_scale)
-        self.register_buffer("text_weights", zeroshot_weights(backbone, info))
+        self.init_text_classifier(backbone, info, cfg.logit_scale)
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Output:
-        feats = self.backbone.encode_image(images).proj.float()
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        logits = self.scale * feats @ self.text_weights.t()
-        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return Output(logits, loss)
+        logits = self.zeroshot_logits(self.backbone.encode_image(images).proj)
+        return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)

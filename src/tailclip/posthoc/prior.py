@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..runfiles import PRIOR_JSON
+
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +45,7 @@ def estimate_prior(logits: Tensor, labels: Tensor, temperature: float = 1.0, max
 
     Damped Newton in float64 with the exact Hessian mean_i(diag p_i - p_i p_i^T) (+ the regulariser's), solved with
     the all-ones direction pinned (the objective is shift-invariant), until the gradient's max-norm is below `tol`:
-    a handful of (C, C) solves instead of hundreds of L-BFGS passes over the N x C logits (ImageNet-LT's 20,000 x
-    1,000 val logits: 418 s with L-BFGS at tolerance 1e-10, seconds with Newton). The Hessian is formed in float32
+    a handful of (C, C) solves instead of hundreds of L-BFGS passes over the N x C logits (benchmarks/README.md). The Hessian is formed in float32
     (it only steers the step); the gradient and the line search stay float64, so the optimum is exact."""
     z = logits.double() / float(temperature)
     y = labels.long()
@@ -102,13 +103,13 @@ def prior_nll(logits: Tensor, labels: Tensor, temperature: float, prior: Tensor 
 
 
 def save_prior(run_dir: Path, prior: Tensor, classnames: Sequence[str], info: dict[str, Any] | None = None) -> Path:
-    """Write prior.json (the run's plots/gla_prior.png draws it against the class counts)."""
+    """Write prior.json (`runfiles.PRIOR_JSON`; the run's plots/gla_prior.png draws it against the class counts)."""
     from ..io import write_json
 
     q = [float(v) for v in prior.tolist()]
     entropy = -sum(v * math.log(v) for v in q if v > 0)
     data = {"prior": q, "classnames": list(classnames), "entropy": entropy,
             "max_over_min": max(q) / max(min(q), 1e-300), **(info or {})}
-    path = Path(run_dir) / "prior.json"
+    path = Path(run_dir) / PRIOR_JSON
     write_json(path, data)
     return path

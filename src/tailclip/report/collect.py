@@ -21,16 +21,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..runfiles import CONFIG, GRID_JSON, METRICS_CSV, REPORT_MD, RESULTS, STATUS
 from .targets import AVERAGE_DATASETS, AVERAGE_NAME, PaperMatch, match_target
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"  # the names engine.runs writes (not imported: tables must not need torch)
-CONFIG = "config.yaml"
-STATUS = "status.json"
-METRICS_CSV = "metrics.csv"
-GRID_JSON = "grid.json"
-REPORT_MD = "report.md"  # a report folder (skipped when a folder of runs is expanded)
 CELL = re.compile(r"^(?:k(\d+)-)?s(\d+)$")  # grid.py::cell_name (no k: the task's own training set)
 STD_DDOF = 0  # population std over seeds, as grid.py (and CoOp's parse_test_res.py) computes it
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import TailclipError
+from ..runfiles import PLOTS, PRIOR_JSON
 from .collect import Problem, Row, Run, read_run
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("png", "svg")
 MANY, FEW = 100, 20  # data.groups: many > 100, few < 20 training images
 BAND_COLORS = {"few": "#fbe3d6", "medium": "#fdf3d0", "many": "#dcebf7"}
-PRIOR_JSON = "prior.json"
 RELIABILITY_BINS = 15  # engine.metrics.expected_calibration_error's default
 INSTALL_HINT = "pip install 'matplotlib>=3.8' (a tailclip dependency)"
 
@@ -489,7 +489,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     if isinstance(run, Problem):
         raise TailclipError(f"{run.path}: {run.reason}")
     try:
-        paths, notes = _all_plots(build_rows([run]), run.path / "plots", prefix_runs=False)
+        paths, notes = _all_plots(build_rows([run]), run.path / PLOTS, prefix_runs=False)
     except PlotsUnavailable as exc:
         log.warning("run plots not written: %s", exc)
         return []

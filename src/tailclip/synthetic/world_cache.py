@@ -1,7 +1,7 @@
 """Rendered images of the synthetic world, kept on disk as uint8 arrays so each is rendered once per machine.
 
-Rendering costs ~0.5 ms per image (vectorised) and ~1 ms one by one; a demo row reads its splits several times
-(train epochs, val per epoch, test), so rendering on every read dominated the synthetic data path. An entry is
+A demo row reads its splits several times (train epochs, val per epoch, test), so rendering on every read
+dominated the synthetic data path (benchmarks/README.md). An entry is
 one `.npy` file (N, 32, 32, 3) uint8 holding exactly the images of one image source, read memory-mapped. Its key
 is the generator version, world seed, stream, style, stream positions and labels: changing any of them (e.g.
 bumping GENERATOR_VERSION when rendering changes) names another file, so a stale entry is never read. Entries are

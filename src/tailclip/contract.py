@@ -1,10 +1,13 @@
-"""The method contract. A method is an nn.Module holding the (frozen) backbone plus its own parts; `fit`
-does whatever training it needs, `predict` gives logits for a split. The orchestrator (`tailclip.api`)
-only ever calls these, so every registered method runs through the same CLI, run folder and tests.
+"""The method contract, at the bottom of the package: what a method is and what the engine hands it and gets
+back. It imports neither the engine nor any method, so both depend on it and never on each other.
 
-A method is built from a `TaskInfo` (names, templates, counts, base/new classes: never images) and fitted
-with a `FitContext` whose task cannot read its test splits (`Task.guarded`). Optional behaviour is declared
-here as methods with no-op defaults that the engine always calls; nothing is discovered with `hasattr`.
+A method is an nn.Module holding the (frozen) backbone plus its own parts. The engine drives it through hooks
+with no-op defaults (nothing is discovered with `hasattr`): `engine.fit` calls `prepare(ctx)`, trains when
+`trains()` says so, then `finish(ctx, result)`; `engine.evaluate.predict_split` gives a split's logits through the
+method's `forward` (or the method's `own_predictions`). Methods never call the trainer.
+
+A method is built from a `TaskInfo` (names, templates, counts, base/new classes: never images) and fitted with a
+`FitContext` whose task cannot read its test splits (`Task.guarded`).
 
 How `forward(inputs, labels)` receives a batch (`Inputs`):
 - a Tensor is always a batch of images (B, 3, H, W): image methods train on these, and every method, feature
@@ -17,31 +20,31 @@ How `forward(inputs, labels)` receives a batch (`Inputs`):
 Model selection (`train.select_on`) is one mechanism in the engine: `val` (default where a val split exists),
 `none` (the last epoch) or `paper`, the method's declared `paper_protocol`, which selects on the test split and
 is recorded as such in results.json. A method declares what may be selected among: `select_among` ("epochs",
-"heads") and, for heads, `eval_heads()` (several named logit sets of one model, returned in `Output.heads`)."""
+"heads") and, for heads, `eval_heads()` (several named logit sets of one model, returned in `Output.heads`). The
+trainer returns what it chose as a `SelectionRecord` in a `FitResult`; a method that chooses more after training
+(Tip-Adapter's alpha and beta, the probe's C) adds to it in `finish`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..backbones.base import Backbone
-from ..config import RunConfig, TrainConfig, register_method_config
-from ..data.base import Task, TaskInfo
-from ..data.transforms import eval_transform
-from ..engine.evaluate import Predictions
-from ..errors import ConfigError
-from ..features import DEFAULT_AUG, AugSpec, FeatureSet, method_features
-from ..registry import Registry
-
-if TYPE_CHECKING:
-    from ..engine.trainer import TrainSummary
+from .backbones.base import Backbone
+from .config import EvalConfig, InputsOption, RunConfig, TrainConfig, register_method_config
+from .data.base import Task, TaskInfo
+from .data.transforms import eval_transform
+from .errors import ConfigError, TailclipError
+from .features import DEFAULT_AUG, AugSpec, FeatureSet, FeatureViews, method_features
+from .losses import Loss
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,79 @@ class Output:
 
 
 @dataclass
+class Predictions:
+    """Logits of a whole split, rows in split order of the images that could be read."""
+
+    logits: Tensor  # (N, C) float32 on CPU
+    labels: Tensor  # (N,) int64
+    indices: Tensor  # (N,) positions in the split (missing ones were skipped as bad images)
+    skipped: list[str] = field(default_factory=list)
+    heads: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, C) logits, for methods with eval_heads()
+
+
+@dataclass
+class TrainSummary:
+    """What gradient training did: the per-epoch metrics, the chosen epoch, where it resumed from."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metric: float | None = None  # top-1 (%) of the chosen epoch/head on the selection split
+    selected_on: str | None = None  # the split selection used (None: the last epoch was kept)
+    resumed_from: str | None = None
+    skipped_train_images: list[str] = field(default_factory=list)  # unreadable under data.on_bad_image=skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs_run": len(self.history), "best_epoch": self.best_epoch, "best_metric": self.best_metric,
+                "selected_on": self.selected_on, "resumed_from": self.resumed_from,
+                "skipped_train_images": self.skipped_train_images}
+
+
+@dataclass
+class SelectionRecord:
+    """What was chosen on which split (results.json "selection"). `on`: the split or "none"; `among`: what was
+    chosen among ("epochs and heads", "alpha and beta", "C" ...); `chosen`: the values and their score;
+    `protocol`: the released test-set protocol that chose, if any; `then`: choices made after this one (Tip-Adapter-F
+    searches alpha and beta after its epoch was chosen)."""
+
+    on: str
+    among: str
+    chosen: dict[str, Any]
+    selected_on_test: bool = False
+    protocol: str = ""
+    then: dict[str, SelectionRecord] = field(default_factory=dict)
+
+    def followed_by(self, name: str, later: SelectionRecord) -> SelectionRecord:
+        """This choice, then `later` (recorded under `name`); on test if either was."""
+        return dataclasses.replace(self, selected_on_test=self.selected_on_test or later.selected_on_test,
+                                   then={**self.then, name: later})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"on": self.on, "among": self.among, "chosen": dict(self.chosen),
+                               "selected_on_test": self.selected_on_test}
+        if self.protocol:
+            out["protocol"] = self.protocol
+        return {**out, **{name: rec.to_dict() for name, rec in self.then.items()}}
+
+
+@dataclass
+class FitResult:
+    """What fitting a method produced besides its weights: the trainer's summary (None when nothing trained by
+    gradient steps) and the selection record (None when nothing was chosen)."""
+
+    training: TrainSummary | None = None
+    selection: SelectionRecord | None = None
+
+    def to_results(self) -> dict[str, Any]:
+        """The "training" and "selection" entries of results.json."""
+        out: dict[str, Any] = {}
+        if self.training is not None:
+            out["training"] = self.training.to_dict()
+        if self.selection is not None:
+            out["selection"] = self.selection.to_dict()
+        return out
+
+
+@dataclass
 class FitContext:
     """What `fit`/`predict` get besides the method itself. During `fit`, `task` is the guarded view whose test
     splits raise when read; `predict` gets the full task."""
@@ -121,10 +197,15 @@ class Method(nn.Module, ABC):
         self.info = info
         self.num_classes = info.num_classes
         self.active_head: str | None = None  # the head chosen by selection (None: forward's own default)
-        self.train_summary: TrainSummary | None = None  # set by the engine's trainer
-        self.selection: dict[str, Any] | None = None  # what was selected on which split (results.json)
+        tuned = [n for n, p in backbone.named_parameters() if p.requires_grad]
+        hooked = backbone.hooks.registered()
+        if hooked or tuned:  # another method's tuner: its hooks or unfrozen weights would change this method
+            raise TailclipError(
+                f"backbone {backbone.name} already carries another method's tuner (hooks at {hooked[:3] or 'none'}"
+                f"{' ...' if len(hooked) > 3 else ''}, {len(tuned)} unfrozen tensors); build each method on its own "
+                "backbone, or detach the first method's tuner")
         backbone.requires_grad_(False)
-        chosen = getattr(cfg, "inputs", None)  # a features method's `<method>.inputs=images` switch
+        chosen = cfg.inputs if isinstance(cfg, InputsOption) else None  # `<method>.inputs=images|features`
         if chosen is not None and chosen != "auto":  # auto: the method decides (LDC: by the cache's size)
             if type(self).inputs != "features" or chosen not in ("features", "images"):
                 raise ConfigError(f"{self.name}.inputs={chosen!r}: choose features (train from the cache) or images "
@@ -136,19 +217,31 @@ class Method(nn.Module, ABC):
     def forward(self, inputs: Inputs, labels: Tensor | None = None) -> Output:
         """Logits for a batch of images or of cached features (and the training loss when labels are given)."""
 
-    def fit(self, ctx: FitContext) -> None:
-        """Train. Default: gradient training with the engine when the method has trainable parameters."""
-        if any(True for _ in self.trainable_parameters()):
-            from ..engine.trainer import train
+    # --- fitting: engine.fit calls prepare, then the trainer when trains(), then finish ------------------
+    def prepare(self, ctx: FitContext) -> None:
+        """Before gradient training: fit what training starts from or what needs no gradient (Tip-Adapter's cache
+        model, Candle's prototypes, GLA's prior). Default: nothing."""
 
-            train(self, ctx)
+    def trains(self) -> bool:
+        """Whether the engine's trainer runs: by default when the method has trainable parameters."""
+        return any(True for _ in self.trainable_parameters())
 
-    def predict(self, ctx: FitContext, split: str) -> Predictions:
-        """Logits for a whole split. Default: the engine's loop over images (with the configured TTE) or over the
-        split's cached eval-view features, as `inputs` says."""
-        from ..engine.evaluate import predict
+    def finish(self, ctx: FitContext, result: FitResult) -> FitResult:
+        """After training (or after prepare when nothing trains): choices made on the trained model (Tip-Adapter's
+        alpha/beta, the probe's C, LDC's reported beta). Returns the fit result, its selection extended or
+        replaced. Default: the trainer's result."""
+        return result
 
-        return predict(self, ctx, split)
+    # --- prediction: engine.evaluate.predict_split ----------------------------------------------------
+    def own_predictions(self, ctx: FitContext, split: str) -> Predictions | None:
+        """Logits of a split computed by the method itself (GLA ensembles saved logits); None (the default): the
+        engine's loop over images (with the configured TTE) or over the split's cached eval-view features."""
+        return None
+
+    def eval_config(self, evaluation: EvalConfig) -> EvalConfig:
+        """The evaluation settings a split is predicted with: the run's `eval` section (Candle's transductive
+        attention fixes its batch)."""
+        return evaluation
 
     # --- optional behaviour: the engine always calls these; the defaults do nothing special ----------
     def feature_spec(self) -> FeatureSpec:
@@ -156,12 +249,16 @@ class Method(nn.Module, ABC):
         return FeatureSpec()
 
     def cached_features(self, ctx: FitContext, split: str, view: str = "eval") -> FeatureSet:
-        """The feature-cache entry of `split` (view "eval" or "aug<k>") holding what `feature_spec` names. The
-        engine asks the method rather than the cache, so the engine never depends on the feature package."""
+        """The feature-cache entry of `split` (view "eval" or "aug<k>") holding what `feature_spec` names."""
         spec = self.feature_spec()
         taps = tuple(n for n in spec.tensors if n not in ("proj", "pre_proj"))
         augment = None if view == "eval" else spec.augment
         return method_features(self, ctx, split, view=view, taps=taps, dtype=spec.dtype, transform=augment)
+
+    def cached_views(self, ctx: FitContext, split: str = "train") -> FeatureViews:
+        """Every view `feature_spec` asks for (the eval view when it asks for none), checked to hold the same
+        images in the same order."""
+        return FeatureViews([self.cached_features(ctx, split, view=v) for v in self.feature_spec().view_names()])
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """The training recipe: the run's `train` section (a method's fixed recipe is `train_defaults`, the defaults
@@ -202,8 +299,14 @@ class Method(nn.Module, ABC):
         return ()
 
     def extra_results(self) -> dict[str, Any]:
-        """Method-specific entries merged into results.json (chosen hyper-parameters ...)."""
+        """Method-specific entries of results.json (chosen hyper-parameters ...), stored under the method's name."""
         return {}
+
+    def balances_prior(self) -> bool:
+        """Whether the trained model predicts as if the classes were balanced: True when the loss it trains with
+        (a registered `Loss` among its modules) removes the train label prior (LA, balanced softmax, CLA, CF).
+        Saved in checkpoint.json, where GLA's `source_prior=auto` reads it."""
+        return any(isinstance(m, Loss) and m.balances_prior for m in self.modules())
 
     def protocol(self) -> dict[str, Any]:
         """The method's named protocol choices in force that differ from tailclip's defaults (a released
@@ -226,16 +329,6 @@ class Method(nn.Module, ABC):
         if name not in self.eval_heads():
             raise ConfigError(f"method {self.name!r} has no head {name!r}; its heads: {', '.join(self.eval_heads())}")
         self.active_head = name
-
-    def results(self) -> dict[str, Any]:
-        """Everything this method adds to results.json: the engine's training summary and selection record,
-        then `extra_results()`."""
-        out: dict[str, Any] = {}
-        if self.train_summary is not None:
-            out["training"] = self.train_summary.to_dict()
-        if self.selection is not None:
-            out["selection"] = dict(self.selection)
-        return {**out, **self.extra_results()}
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters that train (the backbone is frozen unless a tuner unfroze part of it on purpose)."""
