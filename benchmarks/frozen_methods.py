@@ -1,16 +1,17 @@
-"""Frozen-feature methods at ImageNet-LT scale on random features: wall time and peak memory of each step the
-library runs (GLA's temperature + prior fit and debiasing, the linear probe's C search and final fit,
-Tip-Adapter's alpha/beta search). Prints one JSON line per step. Not part of the test suite.
+"""Frozen-feature methods at ImageNet-LT scale on random features: wall time and peak memory of each step the library
+runs (GLA's temperature + prior fit and debiasing, the linear probe's C search and final fit, Tip-Adapter's
+alpha/beta search). Prints one JSON line per step. Not part of the test suite.
 
-    python benchmarks/frozen_methods.py [--scale 1.0] [--steps gla,probe,tip] [--probe KEY=VALUE ...] [--device cuda]
+python benchmarks/frozen_methods.py [--scale 1.0] [--steps gla,probe,tip] [--probe KEY=VALUE ...] [--device cuda]
 
-The probe runs linear_probe's own defaults (CoOp's C grid and 8 bisections, every train row) unless `--probe`
-overrides its options, e.g. `--probe search_rows=8192 search_max_iter=40 tol=1e-4` (the subsampled search); its
-rows time the search and the final fit separately.
+The probe runs linear_probe's own defaults (CoOp's C grid and 8 bisections, every train row) unless `--probe` overrides
+its options, e.g. `--probe search_rows=8192 search_max_iter=40 tol=1e-4` (the subsampled search); its rows time the
+search and the final fit separately.
 
-Features: class centres plus noise, tuned so zero-shot top-1 is ~65 % (ImageNet-LT-like). Sizes at scale 1: 115,846 x 512 train features with ImageNet-LT's long-tailed counts (Pareto-like, 1280 down to
-5 per class), 20,000 val, 50,000 test, 1,000 classes. `--scale 0.05` runs the same code on 5 % of the rows (a
-smoke run). Peak memory is the process's max RSS (ru_maxrss), so steps run in order of growing footprint.
+Features: class centres plus noise, tuned so zero-shot top-1 is ~65 % (ImageNet-LT-like). Sizes at scale 1: 115,846 x
+512 train features with ImageNet-LT's long-tailed counts (Pareto-like, 1280 down to 5 per class), 20,000 val, 50,000
+test, 1,000 classes. `--scale 0.05` runs the same code on 5 % of the rows (a smoke run). Peak memory is the process's
+max RSS (ru_maxrss), so steps run in order of growing footprint.
 """
 
 from __future__ import annotations

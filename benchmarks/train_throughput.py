@@ -1,9 +1,9 @@
-"""Where adapter training time goes (LIFT; Sage with and without FIT): images/s of the data path alone (the trainer's own augmented-batch source),
-of the model alone (forward + backward + SGD step on fixed tensors) and of both together (end to end), for the
-built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA; in fp32 and, on CUDA or a CPU with
-bf16 units, under bf16 autocast. A gap between data-only and
-end-to-end says the model waits for data; end-to-end close to model-only says compute is the limit.
-Prints one JSON line per (model, device, precision). Not part of the test suite.
+"""Where adapter training time goes (LIFT; Sage with and without FIT): images/s of the data path alone (the trainer's
+own augmented-batch source), of the model alone (forward + backward + SGD step on fixed tensors) and of both together
+(end to end), for the built-in tiny CLIP and a random-weight ViT-B/16, on CPU and, when present, CUDA; in fp32 and,
+on CUDA or a CPU with bf16 units, under bf16 autocast. A gap between data-only and end-to-end says the model waits
+for data; end-to-end close to model-only says compute is the limit. Prints one JSON line per (model, device,
+precision). Not part of the test suite.
 
     python benchmarks/train_throughput.py [--models synthetic:tiny-clip,ViT-B-16@none] [--steps 5]
         [--methods lift,sage,sage+fit] [--devices cpu,cuda] [--workers 0] [--batch-tiny 128] [--batch-vit 32]

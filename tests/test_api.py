@@ -42,7 +42,7 @@ def test_k_shot_run_keeps_its_draw(tmp_path, tiny_vit_json) -> None:
     import dataclasses
     import json
 
-    from test_features import color_task
+    from helpers import color_task
 
     from tailclip.api import SHOT_INDICES, load_config, run
     from tailclip.data.fewshot import apply_shots

@@ -278,7 +278,8 @@ def test_hf_parameter_groups_and_block_bias_step(hf_dir: Path) -> None:
     b = create_backbone(f"hf:{hf_dir}")
     blocks = dict(b.block_named_parameters())
     vision = dict(b.vision_named_parameters())
-    layers = {"model.vision_model.encoder.layers." + n for n, _ in b.model.vision_model.encoder.layers.named_parameters()}
+    encoder_layers = b.model.vision_model.encoder.layers
+    layers = {"model.vision_model.encoder.layers." + n for n, _ in encoder_layers.named_parameters()}
     assert set(blocks) == layers
     every = {"model." + n for n, _ in b.model.named_parameters()}
     assert set(vision) == {n for n in every if n.startswith(("model.vision_model.", "model.visual_projection."))}

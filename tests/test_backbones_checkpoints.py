@@ -59,7 +59,8 @@ def save_openai_jit(model: nn.Module, path: Path) -> None:
     """A TorchScript archive laid out as OpenAI's CLIP releases: the CLIP state dict plus the
     input_resolution / context_length / vocab_size entries of their JIT modules."""
     root = _Holder()
-    extra = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
+    extra = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
+             "vocab_size": torch.tensor(49408)}
     for key, value in {**model.state_dict(), **extra}.items():
         *parents, leaf = key.split(".")
         mod = root

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from helpers import make_class_folders
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,22 +16,9 @@ from tailclip.cli import app
 runner = CliRunner()
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 32) -> Path:
-    """One sub-folder per class of solid-colour PNGs with noise (learnable, deterministic)."""
-    rng = np.random.default_rng(0)
-    colours = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (200, 200, 30)]
-    for c in range(classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            arr = np.clip(np.array(colours[c])[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255)
-            Image.fromarray(arr.astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    return make_image_folder(tmp_path / "imgs")
+    return make_class_folders(tmp_path / "imgs")
 
 
 def test_list_commands() -> None:

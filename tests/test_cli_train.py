@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_engine import make_image_folder
+import pytest
+import torch
+from helpers import make_image_folder
 from typer.testing import CliRunner
 
 from tailclip.cli import app
@@ -43,4 +45,17 @@ def test_train_eval_predict_round_trip(tmp_path: Path, tiny_vit_json: Path) -> N
     assert res.exit_code == 0, res.output
     row = json.loads(res.output.strip().splitlines()[-1])
     assert row["image"] == str(image) and len(row["predictions"]) == 2
-    assert abs(sum(p["prob"] for p in row["predictions"])) <= 1.0 + 1e-6
+    # the printed top-2 are the trained model's softmax over every class of this image
+    from PIL import Image
+
+    from tailclip.data.transforms import eval_transform
+    from tailclip.methods.loading import load_trained
+
+    trained_run = load_trained(run, need_task=False)
+    x = eval_transform(trained_run.method.backbone.preprocess)(Image.open(image).convert("RGB"))[None]
+    with torch.no_grad():
+        probs = trained_run.method.eval()(x).logits.softmax(-1)[0]
+    top = probs.topk(2)
+    assert [p["index"] for p in row["predictions"]] == top.indices.tolist()
+    assert [p["class"] for p in row["predictions"]] == [trained_run.classnames[i] for i in top.indices.tolist()]
+    assert [p["prob"] for p in row["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import make_image_folder
+from helpers import make_image_folder
 
 from tailclip.api import run
 from tailclip.config import DataConfig, load_config
@@ -218,8 +218,8 @@ def test_base_to_new_run_scores_base_new_and_hm(name: str, tmp_path: Path, monke
     assert res[name]["trained_classes"] == 2 and res["task_meta"]["base_classes"] == [0, 1]
     assert res["splits"]["test_base"]["num_samples"] == 6 and res["splits"]["test_new"]["num_samples"] == 6
     assert len(res["splits"]["test_new"]["per_class_top1"]) == 2  # new images scored among new classes only
-    assert res["hm"] == pytest.approx(2 * res["base"] * res["new"] / (res["base"] + res["new"]) if res["base"] + res["new"]
-                                      else 0.0)
+    base, new = res["base"], res["new"]
+    assert res["hm"] == pytest.approx(2 * base * new / (base + new) if base + new else 0.0)
 
 
 def test_presets_load_and_gla_ensembles_the_coop_grid() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_features import color_task
+from helpers import color_task
 
 from tailclip.api import run
 from tailclip.config import load_config

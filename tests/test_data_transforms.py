@@ -61,7 +61,8 @@ def test_lift_resize_rules() -> None:
 def test_explicit_resize_and_interpolation(image: Image.Image) -> None:
     pre = Preprocess(32, MEAN, STD)  # bicubic by default
     ours = eval_transform(pre, resize=36, interpolation="bilinear")(image)
-    ref = T.Compose([T.Resize(36), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])(image)  # torchvision default
+    # torchvision's default interpolation
+    ref = T.Compose([T.Resize(36), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])(image)
     assert torch.equal(ours, ref)
     five = tte_transform(pre, "five_crop", resize=44, interpolation="bilinear")(image)
     crops = T.FiveCrop(32)(T.Resize(44)(image))

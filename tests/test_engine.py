@@ -1,64 +1,22 @@
-"""Engine: schedules, data plans, gradient accumulation, TTE averaging, model selection on validation.
-
-Also holds the helpers the subprocess tests (resume after SIGKILL, DDP, CLI) share: a tiny image folder."""
+"""Engine: schedules, data plans, gradient accumulation, TTE averaging, model selection on validation."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import read_metrics, tiny_task
 
 from tailclip.config import TrainConfig, load_config
-from tailclip.data.base import ArrayImages, Split, Task
+from tailclip.data.base import Task
 from tailclip.engine.evaluate import ensemble_logits, predict_images
 from tailclip.engine.fit import fit
 from tailclip.engine.schedule import learning_rate
 from tailclip.engine.trainer import epoch_order, plan_epoch
 from tailclip.methods import FitContext, get_method
 from tailclip.runtime import distributed
-
-TRAIN_COUNTS = (14, 7, 4, 2)
-
-
-def make_image_folder(root: Path, counts: tuple[int, ...] = TRAIN_COUNTS, val: int = 2, test: int = 3) -> Path:
-    """<root>/{train,val,test}/<class>/*.png: class c is a noisy colour, so the tiny model can learn something."""
-    rng = np.random.default_rng(0)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (40, 200, 200)]
-    for split, per in (("train", counts), ("val", [val] * len(counts)), ("test", [test] * len(counts))):
-        for c, n in enumerate(per):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(np.array(colours[c]) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as fh:
-        return list(csv.DictReader(fh))
-
-
-def deterministic_columns(rows: list[dict[str, str]]) -> list[tuple[str, ...]]:
-    return [(r["epoch"], r["lr"], r["loss"], r["train_acc"], r["val_top1"]) for r in rows]
-
-
-def tiny_task(n_train: int = 24, classes: int = 3) -> Task:
-    rng = np.random.default_rng(1)
-
-    def split(n: int) -> Split:
-        y = np.arange(n) % classes
-        x = (rng.random((n, 32, 32, 3)) * 80 + y[:, None, None, None] * 60).astype(np.uint8)
-        return Split(ArrayImages(x, "mem"), y)
-
-    return Task("toy", [f"thing {i}" for i in range(classes)], ["a photo of a {}."],
-                {"train": split(n_train), "val": split(6), "test": split(6)})
 
 
 def test_cosine_per_epoch_matches_torch_scheduler() -> None:
@@ -106,7 +64,8 @@ def test_cosine_span_epochs_is_dassls_schedule() -> None:
     # CoCoOp (10 epochs): 9 % more total lr than the after-warm-up span
     co = TrainConfig(epochs=10, lr=1.0, warmup_epochs=1, cosine_span="epochs")
     short = TrainConfig(epochs=10, lr=1.0, warmup_epochs=1)
-    ratio = sum(learning_rate(co, e, 0, 1) for e in range(1, 10)) / sum(learning_rate(short, e, 0, 1) for e in range(1, 10))
+    total = sum(learning_rate(co, e, 0, 1) for e in range(1, 10))
+    ratio = total / sum(learning_rate(short, e, 0, 1) for e in range(1, 10))
     assert ratio == pytest.approx(1.09, abs=0.01)
 
 
@@ -226,5 +185,3 @@ def test_resume_refuses_a_different_run(tmp_path: Path, tiny_vit_json: Path) -> 
     with pytest.raises(Exception, match="different configuration"):
         _fit(tmp_path, [model, "train.epochs=1", "train.lr=0.5", "resume=auto"])
 
-
-__all__ = ["deterministic_columns", "json", "make_image_folder", "math", "read_metrics"]

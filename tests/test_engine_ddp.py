@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_engine import make_image_folder, read_metrics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from helpers import free_port, make_image_folder, read_metrics
 
 METHODS = {"lift": [], "linear_probe": ["linear_probe.head=cosine"]}
 
@@ -40,7 +32,7 @@ def test_two_process_gloo_matches_single_process(method: str, tmp_path: Path, ti
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "tailclip.cli",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tailclip.cli",
          *_args(tmp_path, "ddp", data, tiny_vit_json, method)],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import deterministic_columns, make_image_folder, read_metrics
 from safetensors.torch import load_file
-from test_engine import deterministic_columns, make_image_folder, read_metrics
 
 METHODS = {"lift": [], "linear_probe": ["linear_probe.head=cosine"]}
 # The library run with a step callback that SIGKILLs the process right after optimizer step N (argv[1]); the
@@ -33,7 +33,8 @@ def _train(out: Path, name: str, data: Path, model: Path, extra: list[str], kill
            method: str = "lift"):
     overrides = [f"method={method}", "data.name=image-folder", f"model.name=json:{model}", f"data.root={data}",
                  f"output_dir={out}", f"run_name={name}", "train.epochs=2", "train.batch_size=4", "train.lr=0.05",
-                 "train.resume_every_steps=2", "train.select_on=val", "eval.splits=[val,test]", *METHODS[method], *extra]
+                 "train.resume_every_steps=2", "train.select_on=val", "eval.splits=[val,test]", *METHODS[method],
+                 *extra]
     if kill_after is None:
         cmd = [sys.executable, "-m", "tailclip.cli", "train", *overrides]
     else:
@@ -68,7 +69,8 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(method: str, t
         assert a["splits"][split]["top1"] == b["splits"][split]["top1"]
         assert a["splits"][split]["per_class_top1"] == b["splits"][split]["per_class_top1"]
     assert a["training"]["best_epoch"] == b["training"]["best_epoch"] and a["selection"] == b["selection"]
-    la, lb = load_file(str(run / "logits_test.safetensors")), load_file(str(tmp_path / "ref" / "logits_test.safetensors"))
+    la = load_file(str(run / "logits_test.safetensors"))
+    lb = load_file(str(tmp_path / "ref" / "logits_test.safetensors"))
     assert (la["logits"] == lb["logits"]).all()
     wa, wb = load_file(str(run / "checkpoint.safetensors")), load_file(str(tmp_path / "ref" / "checkpoint.safetensors"))
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)

@@ -8,47 +8,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import CountingBackbone, color_task, register_color_dataset
 
-from tailclip.data.base import ArrayImages, Split, Task
 from tailclip.features import CacheKey, FeatureCache, split_features
-
-
-def color_task(num_classes: int = 4, per_class: int = 6, size: int = 32, seed: int = 0, name: str = "colors") -> Task:
-    """Images whose mean colour depends on the class (separable features even for a random-weight CLIP)."""
-    rng = np.random.default_rng(seed)
-    palette = rng.integers(0, 256, size=(num_classes, 3))
-
-    def split(n: int, tag: str) -> Split:
-        labels = np.repeat(np.arange(num_classes), n)
-        imgs = np.clip(palette[labels][:, None, None, :] + rng.normal(0, 25, (len(labels), size, size, 3)), 0, 255)
-        return Split(ArrayImages(imgs.astype(np.uint8), f"{name}-{tag}"), labels)
-
-    return Task(name, [f"class {i}" for i in range(num_classes)], ["a photo of a {}."],
-                {"train": split(per_class, "train"), "val": split(per_class, "val"), "test": split(per_class, "test")})
 
 
 @pytest.fixture()
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-class CountingBackbone:
-    """Wraps a backbone to count image-tower calls (a hit must not run the backbone)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def encode_image(self, images: torch.Tensor, taps=()):
-        self.calls += 1
-        return self.inner.encode_image(images, taps=taps)
 
 
 def test_hit_miss_and_values(tiny_backbone, cache_dir: Path) -> None:
@@ -60,7 +30,8 @@ def test_hit_miss_and_values(tiny_backbone, cache_dir: Path) -> None:
     assert bb.calls == 3 and len(first) == 24
     second = split_features(bb, task, "train", batch_size=8)
     assert bb.calls == 3, "a cache hit must not run the backbone"
-    assert torch.equal(first.proj, second.proj) and torch.equal(second.labels, torch.as_tensor(task.splits["train"].labels))
+    assert torch.equal(first.proj, second.proj)
+    assert torch.equal(second.labels, torch.as_tensor(task.splits["train"].labels))
     assert first.path is not None and first.path.is_relative_to(cache_dir)
     # the cached rows are what the backbone gives on the eval transform
     tf = eval_transform(tiny_backbone.preprocess)
@@ -175,27 +146,6 @@ def test_two_processes_extract_once(tmp_path: Path) -> None:
     assert outs[0][0] == outs[1][0] and outs[0][0].startswith("30 ")
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers
-
-
-def register_color_dataset(name: str = "test-colors", num_classes: int = 4, per_class: int = 6) -> str:
-    """Register an in-memory dataset (once) so api.run can build it by name; shots/seed pick K per class."""
-    from tailclip.data.registry import DATASETS, register_dataset
-
-    if name not in DATASETS:
-
-        @register_dataset(name)
-        def build(cfg):
-            """TEST in-memory colour classes."""
-            task = color_task(num_classes, per_class, name=name)
-            if cfg.shots is not None:
-                rng = np.random.default_rng(cfg.seed)
-                labels = task.splits["train"].labels
-                idx = np.sort(np.concatenate([rng.choice(np.nonzero(labels == c)[0], cfg.shots, replace=False)
-                                              for c in range(num_classes)]))
-                task.splits["train"] = task.splits["train"].subset(idx)
-            return task
-
-    return name
 
 
 def test_extract_command(tiny_vit_json: Path, tmp_path: Path) -> None:

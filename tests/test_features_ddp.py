@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import free_port, make_image_folder
 from PIL import Image
 from safetensors.torch import load_file
-from test_engine import make_image_folder
-from test_engine_ddp import _free_port
 
 from tailclip.features.extract import batch_block
 
@@ -32,7 +31,7 @@ def _extract(tmp_path: Path, cache: Path, data: Path, model: Path, ranks: int) -
     args = ["extract", "--dataset", "image-folder", "--root", str(data), "--model", f"json:{model}",
             "--splits", "train,test", "--views", "2", "eval.batch_size=4"]
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-                                      "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+                                      "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     cmd = [sys.executable, *launcher, "-m", "tailclip.cli", *args] if launcher else \
         [sys.executable, "-m", "tailclip.cli", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)

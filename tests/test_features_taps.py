@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_features import CountingBackbone, color_task
+from helpers import CountingBackbone, color_task
 
 from tailclip.config import FeatureOptions
 from tailclip.data.base import ArrayImages, Split
@@ -122,8 +122,8 @@ def test_bad_requests_fail_before_extracting(tiny_backbone, tmp_path: Path) -> N
 
 def test_k_views_differ_and_are_reproducible(tiny_backbone, tmp_path: Path) -> None:
     task = color_task(per_class=3)
-    a = split_views(tiny_backbone, task, "train", 3, taps=["blocks.3"], batch_size=5, cache=FeatureCache(tmp_path / "a"))
-    b = split_views(tiny_backbone, task, "train", 3, taps=["blocks.3"], batch_size=5, cache=FeatureCache(tmp_path / "b"))
+    a, b = (split_views(tiny_backbone, task, "train", 3, taps=["blocks.3"], batch_size=5,
+                        cache=FeatureCache(tmp_path / name)) for name in ("a", "b"))
     c = split_views(tiny_backbone, task, "train", 3, batch_size=12, cache=FeatureCache(tmp_path / "c"))
     assert a.k == 3 and len(a) == 12 and torch.equal(a.labels, torch.as_tensor(task.splits["train"].labels))
     for k in range(3):  # same seed -> identical views; another batch size -> the same crops (float noise only)

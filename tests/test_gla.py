@@ -108,7 +108,7 @@ def test_wise_ft_interpolation() -> None:
 @pytest.mark.run_plots
 def test_gla_runs_end_to_end(tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """linear probe run -> GLA debiased zero-shot and GLA ensemble on its saved logits -> WiSE-FT run."""
-    from test_features import register_color_dataset
+    from helpers import register_color_dataset
 
     from tailclip.api import run
     from tailclip.config import load_config
@@ -135,7 +135,8 @@ def test_gla_runs_end_to_end(tiny_vit_json: Path, tmp_path: Path, monkeypatch: p
     assert res["ece"] >= 0.0 and res["nll"] > 0.0
     # without saved logits the ensemble runs the fine-tuned checkpoint instead
     (lp / "logits_test.safetensors").rename(tmp_path / "moved.safetensors")
-    ens2 = run(load_config(None, base + ["method=gla", "run_name=ens2", "gla.mode=ensemble", f"gla.finetuned_run={lp}"]))
+    ens2 = run(load_config(None, base + ["method=gla", "run_name=ens2", "gla.mode=ensemble",
+                                         f"gla.finetuned_run={lp}"]))
     assert RunDir(ens2).read_results()["top1"] == pytest.approx(res["top1"])
     # WiSE-FT at alpha=1 is the fine-tuned run itself
     wise = run(load_config(None, base + ["method=wise_ft", "run_name=wise", f"wise_ft.finetuned_run={lp}",

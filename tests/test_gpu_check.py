@@ -17,7 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 def test_cpu_smoke_prints_every_row(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "TAILCLIP_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke"], check=False, capture_output=True, text=True, env=env, timeout=900)
+    res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke"], check=False, capture_output=True, text=True, env=env,
+                         timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     sections = [ln for ln in res.stdout.splitlines() if ln.startswith("## ")]
     assert len(sections) == 6 and sections[-1] == "## done (cpu-smoke)"

@@ -63,7 +63,7 @@ def test_a_finished_cell_of_another_configuration_is_never_reused(tmp_path: Path
 
 
 def test_real_tiny_grid(tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_features import register_color_dataset
+    from helpers import register_color_dataset
 
     monkeypatch.setenv("TAILCLIP_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, [f"model.name=json:{tiny_vit_json}", f"data.name={register_color_dataset()}",

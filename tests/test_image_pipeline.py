@@ -49,7 +49,8 @@ def batches_of(tiny_vit_json: Path, data: Path, tmp_path: Path, overrides: list[
 
 def test_workers_persist_across_epochs_and_see_each_epochs_transform(tiny_vit_json: Path, tmp_path: Path) -> None:
     data = jpeg_folder(tmp_path / "data")
-    square = ["lift.crop=square_schedule", "lift.crop_min_scale=0.1"]  # LIFT+'s crop schedule: the transform changes per epoch
+    # LIFT+'s crop schedule: the transform changes per epoch
+    square = ["lift.crop=square_schedule", "lift.crop_min_scale=0.1"]
     main, _ = batches_of(tiny_vit_json, data, tmp_path, [*square, "data.num_workers=0"], (0, 4))
     cfg_workers = [*square, "data.num_workers=2"]
     pids = []

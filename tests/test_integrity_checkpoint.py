@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_image_folder
 from safetensors.torch import load_file, save_file
-from test_engine import make_image_folder
 from typer.testing import CliRunner
 
 from tailclip.cli import app

@@ -16,7 +16,8 @@ from tailclip.errors import ConfigError
     (["eval.splits=test"], "eval.splits: expected a list, e.g. eval.splits=[a,b]"),
     (["train.lrr=0.1"], "unknown config key 'train.lrr'; train has: epochs, batch_size, optimizer, lr,"),
     (["method=lift", "lift.bottlenek=4"], "unknown config key 'lift.bottlenek'; lift has: tuner, bottleneck,"),
-    (["train=3"], "train=3: train is a section of options, not a value; set one of its keys (train.KEY=VALUE): epochs,"),
+    (["train=3"],
+     "train=3: train is a section of options, not a value; set one of its keys (train.KEY=VALUE): epochs,"),
 ])
 def test_config_errors_name_the_key_in_one_line(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:

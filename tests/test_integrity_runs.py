@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_engine import make_image_folder
+from helpers import make_image_folder
 from typer.testing import CliRunner
 
 from tailclip.cli import app

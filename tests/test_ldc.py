@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT
-from test_features import color_task
+from helpers import color_task
 from torch import nn
 
 from tailclip.backbones import create_backbone

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_task
 from PIL import Image
-from test_engine import tiny_task
 from torchvision import transforms as T
 
 from tailclip.config import load_config

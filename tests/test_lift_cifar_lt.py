@@ -63,7 +63,8 @@ def test_default_keeps_the_literature_images(cifar: tuple[Path, np.ndarray], bet
 
     task = build_task(DataConfig(name="cifar100-lt", root=str(root), imbalance_ratio=beta, seed=7))
     split = task.split("train")
-    kept = sorted(int(p[0]) + 256 * int(p[1]) for p in (split.images.load(i).getpixel((0, 0)) for i in range(len(split))))
+    pixels = (split.images.load(i).getpixel((0, 0)) for i in range(len(split)))
+    kept = sorted(int(p[0]) + 256 * int(p[1]) for p in pixels)
     assert kept == expected and split.labels.tolist() == labels[sorted(expected)].tolist()
     assert task.class_counts.tolist() == lt_profile(PER_CLASS, 100, beta).tolist()
     assert task.meta["lt_order"].startswith("literature") and task.meta["lt_seed"] == 0

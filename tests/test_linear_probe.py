@@ -78,7 +78,8 @@ def test_a_looser_tolerance_stops_earlier_at_a_higher_objective() -> None:
     losses = {}
     for tol in (1e-1, 1e-7):
         w, b = fit_logreg(x, y, 5, 100.0, max_iter=500, tol=tol)
-        losses[tol] = float(torch.nn.functional.cross_entropy(x @ w.t() + b, y) + 0.5 / (100.0 * len(y)) * w.pow(2).sum())
+        penalty = 0.5 / (100.0 * len(y)) * w.pow(2).sum()
+        losses[tol] = float(torch.nn.functional.cross_entropy(x @ w.t() + b, y) + penalty)
     assert losses[1e-1] > losses[1e-7] + 1e-4
     with pytest.raises(Exception, match="linear_probe.tol"):
         load_config(None, ["method=linear_probe", "linear_probe.tol=0"])
@@ -86,7 +87,7 @@ def test_a_looser_tolerance_stops_earlier_at_a_higher_objective() -> None:
 
 def test_subsampled_search_then_fit_on_every_row(tiny_vit_json: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_features import register_color_dataset
+    from helpers import register_color_dataset
 
     from tailclip.engine.runs import RunDir
 
@@ -108,7 +109,7 @@ def test_subsampled_search_then_fit_on_every_row(tiny_vit_json: Path, tmp_path: 
 
 @pytest.mark.parametrize("head", ["logreg", "cosine"])
 def test_runs_end_to_end(head: str, tiny_vit_json: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_features import register_color_dataset
+    from helpers import register_color_dataset
 
     from tailclip.api import load_trained, run
     from tailclip.config import load_config

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRAIN_COUNTS, make_image_folder
 from safetensors.torch import load_file
-from test_engine import TRAIN_COUNTS, make_image_folder
 
 from tailclip import api
 from tailclip.api import build, run

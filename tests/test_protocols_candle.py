@@ -78,7 +78,8 @@ def _task(labels: np.ndarray, classes: int, name: str = "t") -> Task:
         return Split(ArrayImages(np.zeros((len(y), 4, 4, 3), np.uint8), name), y)
 
     test = np.repeat(np.arange(classes), 2)
-    return Task(name, [f"c{i}" for i in range(classes)], ["a photo of a {}."], {"train": split(labels), "test": split(test)})
+    return Task(name, [f"c{i}" for i in range(classes)], ["a photo of a {}."],
+                {"train": split(labels), "test": split(test)})
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

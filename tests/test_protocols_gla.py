@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import color_task, register_color_dataset
 from safetensors.torch import save_file
-from test_features import color_task, register_color_dataset
 
 from tailclip.config import dump_config, load_config
 from tailclip.engine.fit import fit

@@ -44,7 +44,8 @@ def write_run(path: Path, *, method: str = "lift", dataset: str = "synth-lt", se
                                "task_meta": task_meta or {}, "splits": {}}
     for split in splits:
         labels = torch.arange(n).repeat_interleave(10)
-        z = logits if logits is not None else torch.randn(len(labels), n, generator=g) * 3 + 4 * torch.nn.functional.one_hot(labels, n)
+        planted = torch.randn(len(labels), n, generator=g) * 3 + 4 * torch.nn.functional.one_hot(labels, n)
+        z = logits if logits is not None else planted
         results["splits"][split] = classification_metrics(z, labels, None if counts is None else np.asarray(counts))
         save_file({"logits": z.float(), "labels": labels, "indices": torch.arange(len(labels))},
                   str(path / f"logits_{split}.safetensors"))
@@ -136,7 +137,8 @@ def test_the_protocol_a_run_used_is_a_column(tmp_path: Path) -> None:
 
 def test_failed_and_running_runs_are_listed_with_their_state(tmp_path: Path) -> None:
     write_run(tmp_path / "good")
-    for name, status in (("failed", {"status": "failed", "error": "DataError: gone"}), ("killed", {"status": "running"})):
+    states = (("failed", {"status": "failed", "error": "DataError: gone"}), ("killed", {"status": "running"}))
+    for name, status in states:
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.yaml").write_text("method: lift\n")
         (tmp_path / name / "status.json").write_text(json.dumps(status))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import make_image_folder
+from helpers import make_image_folder
 
 from tailclip.api import run
 from tailclip.config import load_config

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_engine import make_image_folder
+from helpers import make_image_folder
 
 from tailclip.api import run
 from tailclip.config import load_config

@@ -104,7 +104,7 @@ def test_grid_counts_equal_the_released_formula_with_long_tailed_keys() -> None:
 def register_fewshot_colors(with_val: bool = True) -> str:
     """Colour classes whose K-shot task also subsamples val to K per class (CoOp's few-shot val), so the full val
     split differs from the few-shot one; `with_val=False` builds a dataset without val (ImageNet's layout)."""
-    from test_features import color_task
+    from helpers import color_task
 
     from tailclip.data.registry import DATASETS, register_dataset
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_features import color_task
+from helpers import color_task
 from torch import Tensor, nn
 
 from tailclip.config import InputsOption, load_config

@@ -255,7 +255,8 @@ def test_resnet_tower_takes_only_block_tuners(tiny_rn_json: Path) -> None:
         build_tuner("ln", rn)
     full = build_tuner("full", rn)
     try:
-        stages = {id(p) for s in ("layer1", "layer2", "layer3", "layer4") for p in getattr(rn.model.visual, s).parameters()}
+        stages = {id(p) for s in ("layer1", "layer2", "layer3", "layer4")
+                  for p in getattr(rn.model.visual, s).parameters()}
         assert {id(p) for p in rn.parameters() if p.requires_grad} == stages
     finally:
         full.detach()

@@ -351,7 +351,8 @@ class Method(nn.Module, ABC):
         expected = set(self.checkpoint_state())
         really_missing = sorted(expected & set(missing))
         if really_missing or unexpected:
-            raise RuntimeError(f"checkpoint does not fit this method: missing {really_missing}, unexpected {unexpected}")
+            raise RuntimeError(f"checkpoint does not fit this method: missing {really_missing}, "
+                               f"unexpected {unexpected}")
 
 
 MethodClass = type[Method]

@@ -82,7 +82,8 @@ ROWS: list[DemoRow] = [
     DemoRow("GLA debiased zero-shot [synth-fewshot 16-shot]", "fs-gla-debiased",
             ["method=gla", "data.name=synth-fewshot", "data.shots=16"]),
     DemoRow("linear probe [synth-fewshot 16-shot]", "fs-linear-probe",
-            ["method=linear_probe", "data.name=synth-fewshot", "data.shots=16", "eval.splits=[val,test]", *PROBE_SEARCH],
+            ["method=linear_probe", "data.name=synth-fewshot", "data.shots=16", "eval.splits=[val,test]",
+             *PROBE_SEARCH],
             quick=PROBE_QUICK),
     # CoOp from the cached eval view (views=0: 32 px shapes lose the shape under CoOp's 8 %-area crops), 5 epochs
     DemoRow("CoOp [synth-fewshot 16-shot]", "fs-coop",
@@ -150,5 +151,6 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False,
             f"({detail} images); elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
     files = report_runs(paths, out / "report", "md,csv,html", labels=[row.label for row in ROWS])
     header = "tailclip demo — synthetic world (synth-lt, beta=100; test set balanced, 100 classes)\n"
-    total = f"\n{len(ROWS)} rows in {_clock(time.perf_counter() - start)} (budget {_clock(QUICK_BUDGET_S if quick else BUDGET_S)} on 2 idle CPU cores)\n"
+    budget = _clock(QUICK_BUDGET_S if quick else BUDGET_S)
+    total = f"\n{len(ROWS)} rows in {_clock(time.perf_counter() - start)} (budget {budget} on 2 idle CPU cores)\n"
     return header + files[REPORT_MD].read_text() + f"\nplots: {out / 'report' / PLOTS}\n" + total

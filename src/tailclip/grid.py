@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from .config import RunConfig, config_to_dict, key_differences
 from .errors import TailclipError
 from .io import atomic_write_text, write_json
+from .report.collect import seed_stat
 from .runfiles import CONFIG, GRID_JSON, GRID_MD, RESULTS
 
 log = logging.getLogger(__name__)
@@ -68,20 +68,13 @@ def shots_label(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
-def _stats(values: list[float | None]) -> dict[str, Any] | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    arr = np.asarray(vals, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size), "values": vals}
-
-
 def aggregate(cells: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, Any]]:
-    """{shots: {metric: {mean, std, n, values}}} over the seeds of each shot count."""
+    """{shots: {metric: {mean, std, n, values}}} over the seeds of each shot count (`report.collect.seed_stat`)."""
     out: dict[str, dict[str, Any]] = {}
     for shots in sorted({c["shots"] for c in cells}, key=lambda k: -1 if k is None else k):
         rows = [c for c in cells if c["shots"] == shots]
-        out[shots_label(shots)] = {m: s for m in metrics if (s := _stats([r["results"].get(m) for r in rows])) is not None}
+        stats = {m: seed_stat({r["seed"]: r["results"].get(m) for r in rows}) for m in metrics}
+        out[shots_label(shots)] = {m: s.to_dict() for m, s in stats.items() if s is not None}
     return out
 
 

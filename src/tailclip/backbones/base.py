@@ -77,7 +77,8 @@ class HookPoints:
     def add(self, name: str, fn: Callable[..., Tensor]) -> Callable[[], None]:
         """Register `fn` at `name`; returns a function that removes it again."""
         if name not in self.names():
-            raise KeyError(f"unknown hook point {name!r}; known: blocks.<0..{self.num_blocks - 1}>.{{{','.join(HOOK_KINDS)}}}")
+            kinds = ",".join(HOOK_KINDS)
+            raise KeyError(f"unknown hook point {name!r}; known: blocks.<0..{self.num_blocks - 1}>.{{{kinds}}}")
         self._hooks[name].append(fn)
         return lambda: self._hooks[name].remove(fn)
 
@@ -232,7 +233,8 @@ class Backbone(nn.Module, ABC):
         for name in classnames:
             name = name.replace("_", " ")
             prompts = [t.format(name) for t in templates]
-            feats = torch.cat([self.encode_text(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+            feats = torch.cat([self.encode_text(prompts[i : i + batch_size])
+                               for i in range(0, len(prompts), batch_size)])
             if not normalize:
                 weights.append(feats.mean(dim=0))
                 continue

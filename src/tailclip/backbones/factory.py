@@ -332,9 +332,11 @@ def _tokenizer(
     from open_clip.tokenizer import SimpleTokenizer
 
     text_cfg = model_cfg.get("text_cfg", {})
-    needs_hf = bool(text_cfg.get("hf_tokenizer_name")) or (builtin_arch is not None and "siglip" in builtin_arch.lower())
+    siglip = builtin_arch is not None and "siglip" in builtin_arch.lower()
+    needs_hf = bool(text_cfg.get("hf_tokenizer_name")) or siglip
     if not needs_hf:
-        return SimpleTokenizer(context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
+        return SimpleTokenizer(context_length=text_cfg.get("context_length", 77),
+                               **text_cfg.get("tokenizer_kwargs", {}))
     source = f"local-dir:{source_dir}" if source_dir is not None else (builtin_arch or "")
     try:
         return open_clip.get_tokenizer(source, cache_dir=cache_dir)

@@ -203,7 +203,8 @@ def create_hf_backbone(name: str, cache_dir: str | None = None) -> HFClipBackbon
         if not folder.is_dir():
             raise WeightsNotFoundError(f"Hugging Face model folder not found: {folder} (from {name!r})")
         weights = next((folder / f for f in _WEIGHT_FILES if (folder / f).is_file()), None)
-        missing = [f for f in ("config.json",) if not (folder / f).is_file()] + ([] if weights else [" or ".join(_WEIGHT_FILES)])
+        missing = [f for f in ("config.json",) if not (folder / f).is_file()]
+        missing += [] if weights else [" or ".join(_WEIGHT_FILES)]
         if missing:
             raise WeightsNotFoundError(f"{name!r}: missing {', '.join(missing)} in {folder}")
         source = str(folder)

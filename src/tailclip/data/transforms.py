@@ -86,7 +86,8 @@ class TrainCrop(T.Compose):
         if flip:
             steps.append(T.RandomHorizontalFlip())
         super().__init__(steps + _to_tensor(pre))
-        self.size, self.scale, self.ratio, self.interpolation, self.flip = pre.image_size, scale, ratio, interpolation, flip
+        self.size, self.scale, self.ratio = pre.image_size, scale, ratio
+        self.interpolation, self.flip = interpolation, flip
         self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -108,7 +109,8 @@ class TrainCrop(T.Compose):
     def batch(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalized float32 (B, 3, S, S); image b's randomness comes from seeds[b]."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"TrainCrop.batch takes uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"TrainCrop.batch takes uint8 (B, H, W, 3) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
         return self.crops(list(images.permute(0, 3, 1, 2)), seeds)
 
     def crops(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
@@ -129,7 +131,8 @@ class TrainCrop(T.Compose):
         out = torch.empty(len(images), 3, self.size, self.size, device=device)
         for b, (image, seed) in enumerate(zip(images, seeds, strict=True)):
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"TrainCrop.crops takes uint8 (3, H, W) images, got {image.dtype} {tuple(image.shape)}")
+                raise ValueError(f"TrainCrop.crops takes uint8 (3, H, W) images, got {image.dtype} "
+                                 f"{tuple(image.shape)}")
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(int(seed))
                 top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))

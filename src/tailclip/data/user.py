@@ -62,7 +62,8 @@ def _warn_coverage(where: Path, classes: list[str], splits: dict[str, Split]) ->
     present = {int(c) for sp in splits.values() for c in np.unique(sp.labels)}
     empty = [c for i, c in enumerate(classes) if i not in present]
     if empty:
-        log.warning("%s: class(es) with no images: %s", where, ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+        log.warning("%s: class(es) with no images: %s", where,
+                    ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
     if "test" in splits:
         tested = {int(c) for c in np.unique(splits["test"].labels)}
         untested = [c for i, c in enumerate(classes) if i in present and i not in tested]
@@ -154,7 +155,8 @@ def build_csv(cfg: DataConfig) -> Task:
             classes = _read_classnames(names_file)
         else:
             classes = [f"class {i}" for i in range(int(labels.max()) + 1)]
-            log.warning("%s: integer labels and no %s; class names are generic ('class <i>'): zero-shot text is then meaningless", path, names_file)
+            log.warning("%s: integer labels and no %s; class names are generic ('class <i>'): zero-shot text is then "
+                        "meaningless", path, names_file)
         if len(classes) <= labels.max() or labels.min() < 0:
             raise DataError(
                 f"{path}: labels span [{labels.min()}, {labels.max()}] but {names_file} names {len(classes)} classes"

@@ -3,8 +3,8 @@ plots.
 
 `RunDir` is also the one place that reads another run's outputs (its config, saved logits, results and
 checkpoint) and the one place that deletes a run folder (`remove`), so ensembles of a fine-tuned run (GLA, WiSE-FT)
-never parse run folders themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option, so one preset
-can point at the matching cell of a few-shot grid.
+never parse run folders themselves. `run_from_template` fills `{shots}` `{seed}` `{dataset}` in a run-folder option,
+so one preset can point at the matching cell of a few-shot grid.
 
 Safety of an existing folder: `for_config` accepts a run name that already holds files only with `resume`
 (and then only when the folder's config trains the same run: the check happens before anything is written)

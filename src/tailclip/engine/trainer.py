@@ -81,7 +81,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 @dataclass
 class MicroBatch:
     indices: np.ndarray  # positions in the train split to load on this rank
-    real: int  # how many of them count (0: an empty share that still runs, so every rank makes the same number of passes)
+    real: int  # how many of them count (0: an empty share that still runs: every rank makes the same passes)
 
 
 @dataclass
@@ -367,7 +367,8 @@ class _Training:
         self.selection = resolve_selection(method, ctx.task, cfg)
         self.eval_ctx = dataclasses.replace(ctx, task=ctx.task.unguarded()) if self.selection.on_test else ctx
         if cfg.batch_size / self.world < 1:
-            raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the number of processes ({self.world})")
+            raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the number of processes "
+                              f"({self.world})")
         seed_everything(cfg.seed)
         self.source: ImageBatches | _FeatureBatches = (
             _FeatureBatches(method, ctx, cfg) if method.inputs == "features" else ImageBatches(method, ctx, cfg)

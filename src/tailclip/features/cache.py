@@ -114,9 +114,11 @@ def storage_dtype(dtype: str | torch.dtype | None) -> str:
     if dtype is None:
         return "float32"
     name = str(dtype).removeprefix("torch.")
-    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}.get(name, name)
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    name = aliases.get(name, name)
     if name not in STORAGE_DTYPES:
-        raise ConfigError(f"feature storage dtype {dtype!r} is not accepted; choose one of: {', '.join(STORAGE_DTYPES)}")
+        raise ConfigError(f"feature storage dtype {dtype!r} is not accepted; choose one of: "
+                          f"{', '.join(STORAGE_DTYPES)}")
     return name
 
 

@@ -9,8 +9,8 @@ folder: its saved `logits_{split}.safetensors` are used (or, when a split was no
 loaded and run), T_ft is calibrated too, and the prediction is z_ft/T_ft + z_zs/T_zs - log q - log p_s
 (+ log p_t). p_s is the label distribution the fine-tuned model was trained on; `source_prior: auto` takes it
 as uniform when that run's model balances the prior (`Method.balances_prior`, saved in its checkpoint.json), else
-as the train class frequencies. `finetuned_run` may hold {shots}, {seed} and {dataset}, filled from the data config, so one
-preset serves a whole few-shot grid; the run folder is read through `tailclip.engine.runs.RunDir`.
+as the train class frequencies. `finetuned_run` may hold {shots}, {seed} and {dataset}, filled from the data config,
+so one preset serves a whole few-shot grid; the run folder is read through `tailclip.engine.runs.RunDir`.
 
 Which data fits what follows the released few-shot code (BeierZhu/GLA, GLA.FS.public/trainers/gla.py,
 `build_model` and `test`; `CLIP.pp_estimate` in trainers/util.py): T_zs and q are fitted together on one set

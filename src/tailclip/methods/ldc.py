@@ -188,8 +188,9 @@ class LDC(TextClassifierMethod):
     select_among = ("epochs",)
     paper_protocol = PAPER
     # the released recipe: AdamW lr 1e-4, wd 1e-4, eps 1e-4, batch 64, 50 epochs, cosine over iterations to 0
-    train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "eps": 1e-4, "batch_size": 64,
-                      "epochs": 50, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
+    train_defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "eps": 1e-4, "batch_size": 64,
+        "epochs": 50, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
 
     def __init__(self, cfg: LDCConfig, backbone: Backbone, info: TaskInfo) -> None:
         super().__init__(cfg, backbone, info)

@@ -142,7 +142,8 @@ def stratified_rows(y: Tensor, rows: int, seed: int) -> Tensor | None:
 
 
 def search_C(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int, grid: list[float],
-             steps: int, max_iter: int, tol: float = 1e-5) -> tuple[float, list[dict[str, float]], tuple[Tensor, Tensor]]:
+             steps: int, max_iter: int, tol: float = 1e-5,
+             ) -> tuple[float, list[dict[str, float]], tuple[Tensor, Tensor]]:
     """CoOp/CLIP-style search: best C of a coarse log grid, then `steps` bisections in log10 space between its
     neighbours (keep the better side). Ties go to the stronger regularisation (smaller C). Returns the chosen C,
     the trace and the very (W, b) whose val accuracy chose it: under strong regularisation (tiny C) L-BFGS stops
@@ -211,7 +212,8 @@ class LinearProbe(Method):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
-            init = text_init_weights(backbone, info.classnames, info.templates, space=cfg.feature) if cfg.text_init else None
+            init = (text_init_weights(backbone, info.classnames, info.templates, space=cfg.feature)
+                    if cfg.text_init else None)
             self.head = build_head(cfg.head, dim, info.num_classes, init, scale=cfg.cosine_scale)
         self.loss_fn = build_loss(cfg.loss, info.class_counts)
         self._info: dict[str, Any] = {}

@@ -111,8 +111,8 @@ def padded_length(count: int) -> int:
 
 class ClassBlocks:
     """One-hot cache values as a layout: the keys' columns gathered class by class, each class padded to a length
-    of `padded_length` (at most 25 % more columns), classes of equal padded length side by side. A per-class sum over keys is then
-    a reshape and a contiguous `sum` per length group (a few times faster than `index_add_`, and no
+    of `padded_length` (at most 25 % more columns), classes of equal padded length side by side. A per-class sum over
+    keys is then a reshape and a contiguous `sum` per length group (a few times faster than `index_add_`, and no
     (keys x classes) matmul). Padding columns point at a sentinel column that holds -inf affinity (weight 0)."""
 
     def __init__(self, key_labels: Tensor, num_classes: int) -> None:
@@ -340,8 +340,9 @@ class TipAdapterF(TipAdapter):
     paper_protocol = PAPER_F
     # the released recipe: AdamW lr 1e-3, eps 1e-4, torch's default weight decay 0.01, batch 256, 20 epochs, cosine
     # over iterations, no warm-up
-    train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01, "batch_size": 256,
-                      "epochs": 20, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
+    train_defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adamw", "lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01, "batch_size": 256,
+        "epochs": 20, "scheduler": "cosine", "sched_unit": "step", "warmup_epochs": 0, "min_lr": 0.0}
 
     def prepare(self, ctx: FitContext) -> None:
         self._build_cache(ctx)

@@ -45,8 +45,9 @@ def estimate_prior(logits: Tensor, labels: Tensor, temperature: float = 1.0, max
 
     Damped Newton in float64 with the exact Hessian mean_i(diag p_i - p_i p_i^T) (+ the regulariser's), solved with
     the all-ones direction pinned (the objective is shift-invariant), until the gradient's max-norm is below `tol`:
-    a handful of (C, C) solves instead of hundreds of L-BFGS passes over the N x C logits (benchmarks/README.md). The Hessian is formed in float32
-    (it only steers the step); the gradient and the line search stay float64, so the optimum is exact."""
+    a handful of (C, C) solves instead of hundreds of L-BFGS passes over the N x C logits (benchmarks/README.md). The
+    Hessian is formed in float32 (it only steers the step); the gradient and the line search stay float64, so the
+    optimum is exact."""
     z = logits.double() / float(temperature)
     y = labels.long()
     num_classes = z.shape[1]

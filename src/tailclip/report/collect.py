@@ -13,7 +13,7 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ class Stat:
     std: float | None  # None for a single run
     n: int
     values: dict[int, float] = field(default_factory=dict)  # seed -> value (grids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """grid.json's entry: mean, std, n and the values in seed order."""
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": list(self.values.values())}
 
 
 @dataclass
@@ -286,9 +290,15 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def seed_stat(values: dict[int, float]) -> Stat:
-    arr = np.asarray(list(values.values()), dtype=np.float64)
-    return Stat(float(arr.mean()), float(arr.std(ddof=STD_DDOF)), int(arr.size), dict(values))
+def seed_stat(values: Mapping[int, float | None]) -> Stat | None:
+    """Mean and population std (ddof=0, as CoOp's parse_test_res.py) of a metric over seeds, seeds without the
+    metric left out; None when none has it. The one aggregation over seeds: grids (grid.json, grid.md) and
+    `tailclip report` both use it, so they always agree."""
+    kept = {seed: float(v) for seed, v in values.items() if v is not None}
+    if not kept:
+        return None
+    arr = np.asarray(list(kept.values()), dtype=np.float64)
+    return Stat(float(arr.mean()), float(arr.std(ddof=STD_DDOF)), int(arr.size), kept)
 
 
 def _grid_rows(grid: Grid) -> list[Row]:
@@ -299,12 +309,12 @@ def _grid_rows(grid: Grid) -> list[Row]:
         first = next(iter(cells.values()))
         stats = {}
         for key in METRIC_KEYS:
-            values = {seed: m[key] for seed, run in cells.items() if key in (m := run.metrics())}
-            if values:
-                stats[key] = seed_stat(values)
+            stat = seed_stat({seed: run.metrics().get(key) for seed, run in cells.items()})
+            if stat is not None:
+                stats[key] = stat
         res = first.results
-        row = Row(grid.label if shots is None else f"{grid.label} K={shots}", "grid", grid.path, res.get("method"), res.get("dataset"),
-                  first.model_name, shots, stats,
+        row = Row(grid.label if shots is None else f"{grid.label} K={shots}", "grid", grid.path, res.get("method"),
+                  res.get("dataset"), first.model_name, shots, stats,
                   _mean_or_none([r.results.get("trainable_params") for r in cells.values()]),
                   _mean_or_none([r.train_seconds for r in cells.values()]), seeds=len(cells), runs=list(cells.values()))
         row.paper = match_target(first.config, res, {k: s.mean for k, s in stats.items()}, shots=shots)
@@ -331,8 +341,9 @@ def _average_rows(rows: list[Row]) -> list[Row]:
             if len(per) != len(by_dataset):
                 continue
             seeds = set.intersection(*(set(v) for v in per))
-            if seeds:
-                stats[key] = seed_stat({s: float(np.mean([v[s] for v in per])) for s in sorted(seeds)})
+            stat = seed_stat({s: float(np.mean([v[s] for v in per])) for s in sorted(seeds)})
+            if stat is not None:
+                stats[key] = stat
         if not stats:
             continue
         row = Row(f"{method} {AVERAGE_NAME} K={shots}", "average", None, method, AVERAGE_NAME, model, shots, stats,

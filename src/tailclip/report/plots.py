@@ -131,7 +131,8 @@ def _bands(ax: Axes, lo: float, hi: float) -> None:
                     va="bottom", fontsize=8)
 
 
-def plot_per_class(runs: Sequence[Run], out_dir: Path, name: str = "per_class_accuracy") -> tuple[list[Path], list[str]]:
+def plot_per_class(runs: Sequence[Run], out_dir: Path,
+                   name: str = "per_class_accuracy") -> tuple[list[Path], list[str]]:
     """Per-class top-1 against training images per class (log x), one line per run: the mean over classes in
     log-spaced count bins, with every class as a faint dot."""
     left_out, series = [], []

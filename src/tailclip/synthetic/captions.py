@@ -59,7 +59,8 @@ def make_captions(p: RenderParams) -> list[str]:
         k = int(p.bg_kind[j])
         bg = "patterned"
         if p.style == "pretrain":
-            bg = BACKGROUNDS[k % len(BACKGROUNDS)][0] if k < len(BACKGROUNDS) else f"mottled {BACKGROUNDS[k % len(BACKGROUNDS)][0]}"
+            base = BACKGROUNDS[k % len(BACKGROUNDS)][0]
+            bg = base if k < len(BACKGROUNDS) else f"mottled {base}"
         out.append(
             tmpl.format(c=f"{colour} {shape}", colour=colour, shape=shape, size=size, bg=bg,
                         pos=_position(float(p.cx[j]), float(p.cy[j])))

@@ -146,8 +146,8 @@ def train(seed: int = 0, steps: int = DEFAULTS["steps"], batch_size: int = DEFAU
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, int(warmup_frac * steps))
 
     def lr_at(step: int) -> float:
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(val), default=val)
     ap.add_argument("--arch", type=Path, default=None, help="open_clip model config JSON (default: built-in ARCH)")
     ap.add_argument("--no-eval", action="store_true", help="skip the zero-shot measurement")
-    ap.add_argument("--eval-every", type=int, default=0, help="log zero-shot accuracy every N steps (0: off; weights are unchanged)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="log zero-shot accuracy every N steps (0: off; weights are unchanged)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     arch = json.loads(args.arch.read_text()) if args.arch else ARCH
