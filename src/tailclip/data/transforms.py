@@ -209,3 +209,13 @@ def lift_test_transform(pre: Preprocess, patch_size: int | None, tte: str, inter
     if tte == "none":
         return eval_transform(pre, lift_eval_resize(pre.image_size), interpolation)
     return tte_transform(pre, tte, lift_tte_resize(pre.image_size, patch_size), interpolation)
+
+
+def lift_train_transform(pre: Preprocess, min_scale: float, interpolation: str, flip: bool,
+                         progress: float | None = None) -> TrainCrop:
+    """LIFT's training crops (LIFT and Sage): RandomResizedCrop(scale min_scale..1) + flip. With `progress` (0 at the
+    first epoch, 1 at the last) LIFT+'s square crops, whose minimum scale grows linearly from min_scale to 1."""
+    if progress is None:
+        return train_transform(pre, (min_scale, 1.0), interpolation, flip)
+    low = min_scale + (1.0 - min_scale) * progress
+    return train_transform(pre, (low, 1.0), interpolation, flip, ratio=(1.0, 1.0))

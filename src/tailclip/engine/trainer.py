@@ -323,7 +323,8 @@ class Best:
     state: dict[str, Tensor] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """For the resume state (the weights by reference: `dataclasses.asdict` would deep-copy them)."""
+        return {"metric": self.metric, "epoch": self.epoch, "head": self.head, "state": self.state}
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ..backbones.base import Backbone
 from ..config import check_choice, check_range
 from ..contract import Method, Output, register_method
 from ..data.base import TaskInfo
-from ..data.transforms import INTERPOLATIONS, lift_test_transform, train_transform
+from ..data.transforms import INTERPOLATIONS, lift_test_transform, lift_train_transform
 from ..errors import ConfigError
 from ..heads import HEADS, LIFT_TEMPLATES, build_head, text_init_weights
 from ..losses import build_loss, loss_names, options_for
@@ -113,13 +113,9 @@ class LIFT(Method):
 
     def train_transform(self, epoch: int) -> Callable[[Any], Tensor]:
         """RandomResizedCrop + flip (LIFT), or LIFT+'s square crops with a minimum scale growing to 1."""
-        pre, cfg = self.backbone.preprocess, self.cfg
-        if cfg.crop == "rrc":
-            return train_transform(pre, (cfg.crop_min_scale, 1.0), cfg.interpolation, cfg.flip)
-        epochs = max(self.num_epochs, 1)
-        frac = epoch / max(epochs - 1, 1)
-        low = cfg.crop_min_scale + (1.0 - cfg.crop_min_scale) * frac
-        return train_transform(pre, (low, 1.0), cfg.interpolation, cfg.flip, ratio=(1.0, 1.0))
+        cfg = self.cfg
+        progress = None if cfg.crop == "rrc" else epoch / max(max(self.num_epochs, 1) - 1, 1)
+        return lift_train_transform(self.backbone.preprocess, cfg.crop_min_scale, cfg.interpolation, cfg.flip, progress)
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor]:
         """LIFT's test transforms (`data.transforms.lift_test_transform`)."""

@@ -33,7 +33,7 @@ from ..config import check_choice, check_range
 from ..contract import Method, Output, register_method
 from ..data.base import TaskInfo
 from ..data.templates import get_templates
-from ..data.transforms import INTERPOLATIONS, lift_test_transform, train_transform
+from ..data.transforms import INTERPOLATIONS, lift_test_transform, lift_train_transform
 from ..errors import ConfigError
 from ..heads import LIFT_TEMPLATES, build_head, text_init_weights
 from ..losses import build_loss, loss_names, options_for
@@ -151,7 +151,7 @@ class Sage(Method):
     def train_transform(self, epoch: int) -> Callable[[Any], Tensor]:
         """LIFT's RandomResizedCrop + flip."""
         cfg = self.cfg
-        return train_transform(self.backbone.preprocess, (cfg.crop_min_scale, 1.0), cfg.interpolation, cfg.flip)
+        return lift_train_transform(self.backbone.preprocess, cfg.crop_min_scale, cfg.interpolation, cfg.flip)
 
     def eval_transform(self, tte: str) -> Callable[[Any], Tensor]:
         """LIFT's test transforms (`data.transforms.lift_test_transform`)."""
