@@ -168,8 +168,9 @@ class FitResult:
 
 @dataclass
 class FitContext:
-    """What `fit`/`predict` get besides the method itself. During `fit`, `task` is the guarded view whose test
-    splits raise when read; `predict` gets the full task."""
+    """What the fitting hooks and prediction get besides the method itself. While fitting (`prepare`, training,
+    `finish`: `engine.fit`), `task` is the guarded view whose test splits raise when read; prediction gets the full
+    task."""
 
     cfg: RunConfig
     task: Task

@@ -147,8 +147,9 @@ def _unsupported_vit_reason(visual: nn.Module) -> str | None:
     from open_clip.transformer import ResidualAttentionBlock
 
     if not (callable(getattr(visual, "_embeds", None)) and callable(getattr(visual, "_pool", None))):
-        # our forward calls these two private open_clip steps; pyproject pins the open_clip range they were tested in
-        return "an open_clip without VisionTransformer._embeds/_pool (tailclip is tested with open_clip_torch 3.0-3.3)"
+        # our forward calls these two private open_clip steps; pyproject pins the releases where their source is the
+        # same (3.0.0-3.3.0)
+        return "an open_clip without VisionTransformer._embeds/_pool (tailclip supports open_clip_torch 3.0-3.3)"
     if getattr(visual, "attn_pool", None) is not None:
         return "attentional pooler"
     if not visual.transformer.batch_first:

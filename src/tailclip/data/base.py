@@ -146,7 +146,7 @@ class TestSplitAccessError(RuntimeError):
 
 
 class GuardedSplits(dict):
-    """The splits of a task during `fit`: names stay visible (`"test" in splits`), but reading a test split
+    """The splits of a task while a method is fitted: names stay visible (`"test" in splits`), but reading a test split
     raises, so no method can select or calibrate on the data it is scored on by accident. A named paper
     protocol that selects on test asks for it explicitly through `Task.unguarded()` and records it."""
 
@@ -242,7 +242,7 @@ class Task:
         )
 
     def guarded(self, forbidden: tuple[str, ...] = TEST_SPLITS) -> Task:
-        """A view of this task whose test splits cannot be read (what `fit` receives)."""
+        """A view of this task whose test splits cannot be read (what fitting receives: `engine.fit`)."""
         view = dataclasses.replace(self)
         view.splits = GuardedSplits(dict(self.splits), forbidden)
         return view

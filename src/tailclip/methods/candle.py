@@ -187,10 +187,10 @@ class Candle(Method):
         text = backbone.text_classifier(info.classnames, info.templates,
                                         normalize=cfg.text_features == "normalized").float()
         self.register_buffer("text_features", text)
-        self.register_buffer("base_prototypes", torch.zeros(len(base), dim))  # filled by fit from the train cache
+        self.register_buffer("base_prototypes", torch.zeros(len(base), dim))  # filled by prepare from the train cache
         self.proj_image = nn.Parameter(torch.eye(dim))
         self.proj_text = nn.Parameter(torch.eye(dim))
-        self.virtual_prototypes = nn.Parameter(text[new].clone())  # visual init is set in fit, after prototypes
+        self.virtual_prototypes = nn.Parameter(text[new].clone())  # visual init is set in prepare, after prototypes
         self.fusion = CrossModalFusion(dim, cfg.heads, cfg.gate, cfg.attn_dropout)
         self.loss_fn = build_loss("cla", counts)
         self.register_buffer("kinds", torch.cat([torch.full((c,), PROTO), torch.full((c,), TEXT)]), persistent=False)

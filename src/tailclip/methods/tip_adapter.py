@@ -161,9 +161,9 @@ def grid_correct(feats: Tensor, labels: Tensor, text_weights: Tensor, keys: Tens
     """(betas, alphas) counts of val rows the Tip-Adapter logits classify correctly.
 
     The released loop computes exp(-beta (1 - A)) @ values for every pair: a (val x keys) exponential and a
-    one-hot matmul per beta (28 GB at once at ImageNet-LT's 20,000 x 115,846; ~80 min on 2 cores even chunked).
-    Here, per chunk of val rows (affinity of about `chunk_bytes`), with the same result up to float rounding
-    (805 s, 2.3 GB peak at that size: benchmarks/frozen_methods.py):
+    one-hot matmul per beta (28 GB at once at ImageNet-LT's 20,000 x 115,846, and slow even chunked). Here, per
+    chunk of val rows (affinity of about `chunk_bytes`), with the same result up to float rounding (time and peak
+    memory at that size: benchmarks/README.md):
     - exp(-beta (1 - a)) = e^-beta exp(beta a), and the betas are evenly spaced, so exp(beta_i a) is the previous
       one times exp(delta a): one multiply per pair and beta (an exact exponential every REFRESH betas);
     - the one-hot values make the cache term a per-class sum over keys (`ClassBlocks`);
