@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import TailclipError
-from .runfiles import GRID_MD, REPORT_MD
+from .runfiles import GRID_MD, REPORT_DIR, REPORT_MD
 
 HELP = ("tailclip: adapt CLIP-style models to long-tailed and few-shot image recognition. Start with "
         "`tailclip demo`; `tailclip list methods|datasets|models|templates` shows what is available, and every "
@@ -331,7 +331,7 @@ def report(
     if out is None:
         one = len(runs) == 1 and runs[0].is_dir()
         base = runs[0] if one else Path(os.path.commonpath([p.resolve().parent for p in runs]))
-        out = base / "report"
+        out = base / REPORT_DIR
     files = report_runs(runs, out, formats, plots=plots)
     typer.echo(files[REPORT_MD].read_text())
     typer.echo("written: " + ", ".join(str(p) for name, p in files.items() if "/" not in name))
@@ -363,7 +363,7 @@ def table(
     cli = _overrides(None, None, None, root, None, None, overrides)
     out = run_table(spec, output_dir, cli, name=name, seeds=_ints(seeds), shots=_ints(shots), plots=plots,
                     overwrite=overwrite)
-    typer.echo(f"# {spec.title}\n\n" + (out / "report" / REPORT_MD).read_text())
+    typer.echo(f"# {spec.title}\n\n" + (out / REPORT_DIR / REPORT_MD).read_text())
     typer.echo(f"table folder: {out}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .api import load_config, run
 from .report import report_runs
-from .runfiles import PLOTS, REPORT_MD, RESULTS, SHOT_INDICES
+from .runfiles import PLOTS, REPORT_DIR, REPORT_MD, RESULTS, SHOT_INDICES
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False,
         detail = f"trained {trained:,} + scored {scored:,}" if trained else f"scored {scored:,}"
         say(f"[{i}/{len(ROWS)}] {row.label}: {took:.1f} s, {(trained + scored) / max(took, 1e-9):,.0f} img/s "
             f"({detail} images); elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
-    files = report_runs(paths, out / "report", "md,csv,html", labels=[row.label for row in ROWS])
+    files = report_runs(paths, out / REPORT_DIR, "md,csv,html", labels=[row.label for row in ROWS])
     header = "tailclip demo — synthetic world (synth-lt, beta=100; test set balanced, 100 classes)\n"
     budget = _clock(QUICK_BUDGET_S if quick else BUDGET_S)
     total = f"\n{len(ROWS)} rows in {_clock(time.perf_counter() - start)} (budget {budget} on 2 idle CPU cores)\n"
-    return header + files[REPORT_MD].read_text() + f"\nplots: {out / 'report' / PLOTS}\n" + total
+    return header + files[REPORT_MD].read_text() + f"\nplots: {out / REPORT_DIR / PLOTS}\n" + total

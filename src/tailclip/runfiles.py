@@ -21,8 +21,10 @@ EVALS = "evals"  # folder of later `tailclip eval --checkpoint` runs
 GRID_JSON = "grid.json"
 GRID_MD = "grid.md"
 
-# a report folder
-REPORT_MD = "report.md"
+# a report folder (`tailclip report`; a table's and the demo's is REPORT_DIR inside their folder)
+REPORT_DIR = "report"
+REPORT_FILES = {"md": "report.md", "csv": "report.csv", "latex": "report.tex", "html": "report.html"}
+REPORT_MD = REPORT_FILES["md"]
 
 
 def logits_file(split: str) -> str:

@@ -35,6 +35,7 @@ from .api import load_config  # (through the api: configs loaded there know ever
 from .config import RunConfig
 from .errors import ConfigError
 from .grid import run_grid
+from .runfiles import REPORT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,6 @@ def run_table(spec: TableSpec, output_dir: str | Path, cli: Sequence[str] = (), 
         cfg.output_dir = str(table_dir)
         cfg.run_name = row.folder
         run_grid(cfg, grid_shots, seeds, run_fn=run_fn, overwrite=overwrite)
-    report_runs([table_dir / row.folder for row in spec.rows], table_dir / "report",
+    report_runs([table_dir / row.folder for row in spec.rows], table_dir / REPORT_DIR,
                 labels=[row.name for row in spec.rows], plots=plots)
     return table_dir

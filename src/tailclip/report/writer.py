@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..io import atomic_write_text
+from ..runfiles import PLOTS, REPORT_FILES
 from . import html, tables
 from .collect import build_rows, collect
 from .plots import PlotsUnavailable, report_plots
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("md", "csv", "latex", "html")
 ALWAYS = ("md", "csv")
-FILES = {"md": "report.md", "csv": "report.csv", "latex": "report.tex", "html": "report.html"}
 
 
 def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -44,7 +44,7 @@ def report_runs(paths: Sequence[str | Path], out: str | Path, formats: str | Seq
     notes: list[str] = []
     if plots and rows:
         try:
-            plot_files, notes = report_plots(rows, out / "plots")
+            plot_files, notes = report_plots(rows, out / PLOTS)
         except PlotsUnavailable as exc:
             notes = [f"plots not written: {exc}"]
     extra: list[str] = []
@@ -61,9 +61,9 @@ def report_runs(paths: Sequence[str | Path], out: str | Path, formats: str | Seq
     }
     written: dict[str, Path] = {}
     for fmt in fmts:
-        path = out / FILES[fmt]
+        path = out / REPORT_FILES[fmt]
         atomic_write_text(path, texts[fmt]())
-        written[FILES[fmt]] = path
+        written[REPORT_FILES[fmt]] = path
     written.update({p.relative_to(out).as_posix(): p for p in plot_files})
     for problem in problems:
         log.warning("not in the report: %s: %s", problem.path, problem.reason)
