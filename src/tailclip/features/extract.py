@@ -33,7 +33,7 @@ from torch import Tensor
 from ..config import feature_cache_of
 from ..errors import ConfigError
 from ..io import atomic_save_tensors, file_checksum, write_json
-from ..runtime import distributed
+from ..runtime import autocast, distributed, iter_batches, resolve_device
 from .cache import BASE_TENSORS, STORAGE_DTYPES, CacheKey, FeatureCache, FeatureSet, storage_dtype
 
 if TYPE_CHECKING:
@@ -240,8 +240,6 @@ class SeededViewImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def _batches(backbone: Backbone, loader: torch.utils.data.DataLoader, device: torch.device, precision: str,
              taps: dict[str, torch.dtype], desc: str) -> Iterator[dict[str, Tensor]]:
-    from ..runtime import autocast, iter_batches
-
     was_training = backbone.training
     backbone.eval()
     try:
@@ -493,7 +491,6 @@ def extract_from_config(cfg: RunConfig, splits: list[str], views: int = 0, taps:
     entry folders."""
     from ..backbones import create_backbone
     from ..data.registry import build_task
-    from ..runtime import resolve_device
 
     device = resolve_device(cfg.device)
     distributed.init_distributed(device)  # under torchrun every rank extracts its share (`_sharded_get_or_build`)

@@ -5,8 +5,9 @@ so checkpoints never carry them and a loss moves with `.to(device)` like any oth
 
 The registry here is the one list of losses. Every registered loss declares `balances_prior`: whether training
 with it already removes the training label prior from the logits (LA, balanced softmax), so a model trained
-with it predicts as if the classes were balanced. GLA's ensemble reads it (`loss_balances_prior`) to decide
-the source prior p_s of a fine-tuned run by property, never by loss name."""
+with it predicts as if the classes were balanced. A method's `balances_prior()` reads it from the loss module it
+trains with, checkpoint.json records it, and GLA's ensemble decides the source prior p_s of a fine-tuned run by it,
+never by loss name. `options_for` hands each loss the options it takes."""
 
 from __future__ import annotations
 
