@@ -135,8 +135,9 @@ def _last_log_line(path: Path) -> str | None:
 
 
 def train_seconds(path: Path, results: dict[str, Any]) -> float | None:
-    """A `train_seconds` entry when the method records one, else the sum of metrics.csv's epoch_time_s."""
-    for holder in (results, results.get("training") or {}):
+    """A `train_seconds` entry when the method records one (in its own entry, results[<method>]), else the sum of
+    metrics.csv's epoch_time_s."""
+    for holder in (results, results.get("training") or {}, results.get(str(results.get("method"))) or {}):
         if isinstance(holder, dict) and isinstance(holder.get("train_seconds"), int | float):
             return float(holder["train_seconds"])
     csv_path = path / METRICS_CSV
